@@ -1,0 +1,210 @@
+"""Stage 1: ITC + ITM + ITG with equal weights, one frozen-ViT pass per image.
+
+:class:`Stage1Objective` wraps a :class:`~qformer.model.Blip2` so that a whole training step
+(every Q-Former pass) happens inside one ``forward`` — which is what DDP, FSDP and
+DeepSpeed need to synchronise gradients. It only orchestrates: features come from the
+model's methods, losses from the pure functions in :mod:`qformer.losses`.
+
+Work reused across passes (BLIP-2's original code recomputes it):
+
+* the image's cross-attention K/V are computed once, in the query-only pass, and indexed
+  for the 3B ITM pairs; only negatives owned by another rank get fresh K/V;
+* the queries' self-attention K/V from that pass feed the ITG decoder directly;
+* only the rows chosen as negatives cross ranks (:func:`qformer.distributed.gather_rows`);
+* negatives are drawn in one batched ``torch.multinomial`` call;
+* ITG vocabulary logits are computed only at positions that have a target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses
+from .distributed import all_reduce_max, dist_info, gather_rows
+from .med import KV
+from .model import Blip2, Blip2Features
+
+
+@dataclass
+class Stage1Output:
+    loss: torch.Tensor
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    loss_itg: torch.Tensor
+    sim_i2t: torch.Tensor  # (B, W*B) divided by temp
+    sim_t2i: torch.Tensor  # (B, W*B)
+    itm_logits: torch.Tensor  # (3B, 2): positives, (text, neg image), (image, neg text)
+    neg_image_idx: torch.Tensor  # (B,) global index of each text's negative image
+    neg_text_idx: torch.Tensor  # (B,) global index of each image's negative text
+    features: Blip2Features
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "loss": self.loss.item(),
+            "loss_itc": self.loss_itc.item(),
+            "loss_itm": self.loss_itm.item(),
+            "loss_itg": self.loss_itg.item(),
+        }
+
+
+def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return x if x.shape[1] == length else F.pad(x, (0, length - x.shape[1]), value=value)
+
+
+def _index_kv(image_kv: list[KV | None], index: torch.Tensor) -> list[KV | None]:
+    return [None if kv is None else (kv[0][index], kv[1][index]) for kv in image_kv]
+
+
+def _cat_kv(*parts: list[KV | None]) -> list[KV | None]:
+    return [
+        None if layer[0] is None else (torch.cat([p[0] for p in layer]), torch.cat([p[1] for p in layer]))
+        for layer in zip(*parts)
+    ]
+
+
+class Stage1Objective(nn.Module):
+    """``forward(batch) -> Stage1Output`` for BLIP-2 stage 1.
+
+    Args:
+        model: the :class:`Blip2` to train.
+        itc_label_smoothing / itg_label_smoothing: 0.1 in BLIP-2.
+        gather_with_grad: ITC gathers other ranks' features with gradient (default), making
+            W ranks x B samples identical to one process on W*B; False reproduces LAVIS.
+    """
+
+    def __init__(
+        self,
+        model: Blip2,
+        *,
+        itc_label_smoothing: float = 0.1,
+        itg_label_smoothing: float = 0.1,
+        gather_with_grad: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.itc_label_smoothing = itc_label_smoothing
+        self.itg_label_smoothing = itg_label_smoothing
+        self.gather_with_grad = gather_with_grad
+
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        generator: torch.Generator | None = None,
+        negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Stage1Output:
+        """One stage-1 step on this rank's batch.
+
+        Args:
+            input_ids / attention_mask: (B, L) BERT tokens of the captions ([CLS] first).
+            pixel_values: (B, 3, H, W) images, or ``image_embeds`` (B, N, C) after ln_vision.
+            image_ids: (B,) optional; captions of the same image are not negatives of it.
+            rank / world_size: default to the process group's (or 0 / 1 without one).
+            generator: RNG for the hard-negative draw (default: torch's global RNG).
+            negatives: pin the draw: (neg_image_idx, neg_text_idx), global indices (B,) each.
+        """
+        if rank is None or world_size is None:
+            rank, world_size = dist_info()
+        model = self.model
+        cfg = model.config
+        if image_embeds is None:
+            if pixel_values is None:
+                raise ValueError("Stage1Objective needs pixel_values or image_embeds")
+            image_embeds = model.embed_image(pixel_values)  # (B, N, C)
+        b = image_embeds.shape[0]
+        if input_ids.shape[0] != b:
+            raise ValueError(f"batch has {b} images but {input_ids.shape[0]} captions")
+
+        # Pass (a): queries x image, keeping each layer's query K/V for ITG. Pass (b): text alone.
+        feats = model(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask, return_query_kv=True)
+
+        # ---------------- ITC
+        itc = losses.itc_loss(
+            feats.image_feats,
+            feats.text_feats,
+            model.temp,
+            rank=rank,
+            world_size=world_size,
+            image_ids=image_ids,
+            label_smoothing=self.itc_label_smoothing,
+            gather_with_grad=self.gather_with_grad,
+        )
+
+        # ---------------- ITM with hard negatives
+        if negatives is None:
+            neg_img, neg_txt = losses.sample_itm_negatives(itc.sim_i2t, itc.sim_t2i, itc.positives, generator=generator)
+        else:
+            neg_img, neg_txt = (t.to(input_ids.device) for t in negatives)
+        # Texts of other ranks may be padded to other lengths: agree on one.
+        length = all_reduce_max(input_ids.shape[1], world_size=world_size, device=input_ids.device)
+        ids = _pad_to(input_ids, length, cfg.qformer.pad_token_id)
+        mask = _pad_to(attention_mask, length, 0)
+        neg_ids = gather_rows(ids, neg_txt, rank=rank, world_size=world_size)  # (B, L)
+        neg_mask = gather_rows(mask, neg_txt, rank=rank, world_size=world_size)
+        image_kv = feats.image.image_kv
+        neg_kv = self._negative_image_kv(image_embeds, image_kv, neg_img, rank=rank, world_size=world_size)
+        itm_logits = model.itm_logits(
+            torch.cat([ids, ids, neg_ids]),
+            torch.cat([mask, mask, neg_mask]),
+            _cat_kv(image_kv, neg_kv, image_kv),
+        )  # (3B, 2)
+        loss_itm = losses.itm_loss(itm_logits)
+
+        # ---------------- ITG: [DEC] + causal text over the query prefix
+        dec_ids, labels = losses.decoder_labels(
+            input_ids, bos_token_id=cfg.dec_token_id, pad_token_id=cfg.qformer.pad_token_id
+        )
+        hidden = model.decode_text(dec_ids, attention_mask, feats.image.query_kv)  # (B, L, D)
+        positions, targets = losses.next_token_targets(labels)
+        logits = model.qformer.lm_logits(hidden[:, :-1][positions])  # (N, V)
+        loss_itg = losses.itg_loss(logits, targets, label_smoothing=self.itg_label_smoothing)
+
+        return Stage1Output(
+            loss=itc.loss + loss_itm + loss_itg,
+            loss_itc=itc.loss,
+            loss_itm=loss_itm,
+            loss_itg=loss_itg,
+            sim_i2t=itc.sim_i2t,
+            sim_t2i=itc.sim_t2i,
+            itm_logits=itm_logits,
+            neg_image_idx=neg_img,
+            neg_text_idx=neg_txt,
+            features=feats,
+        )
+
+    def _negative_image_kv(
+        self,
+        image_embeds: torch.Tensor,
+        image_kv: list[KV | None],
+        neg_img: torch.Tensor,
+        *,
+        rank: int,
+        world_size: int,
+    ) -> list[KV | None]:
+        """Cross-attention K/V of each text's negative image: local negatives reuse the
+        cached K/V; negatives held by another rank are fetched (only those rows, with
+        gradient) and projected once."""
+        b = image_embeds.shape[0]
+        if world_size == 1:
+            return _index_kv(image_kv, neg_img)
+        fetched = gather_rows(image_embeds, neg_img, rank=rank, world_size=world_size)  # (B, N, C)
+        local = (neg_img // b) == rank
+        kv = _index_kv(image_kv, torch.where(local, neg_img - rank * b, 0))
+        remote = (~local).nonzero().squeeze(1)
+        if remote.numel() == 0:
+            return kv
+        fresh = self.model.qformer.image_kv(fetched[remote])
+        return [
+            None if x is None else (x[0].index_put((remote,), f[0]), x[1].index_put((remote,), f[1]))
+            for x, f in zip(kv, fresh)
+        ]
