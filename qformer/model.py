@@ -87,10 +87,19 @@ class Blip2(nn.Module):
         return self.query_tokens.shape[1]
 
     # ------------------------------------------------------------------ features
-    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frozen ViT then the trainable ``ln_vision``: (B, 3, H, W) -> (B, N, C) float32."""
-        feats = self.vision(pixel_values)  # (B, N, C), no grad
-        return self.ln_vision(feats.to(self.ln_vision.weight.dtype))
+    def embed_image(
+        self, pixel_values: torch.Tensor | None = None, *, vision_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Frozen ViT then the trainable ``ln_vision``: (B, 3, H, W) -> (B, N, C) float32.
+
+        ``vision_features`` (B, N, C): the tower's output computed earlier (e.g. read from a
+        feature cache), used instead of running the tower.
+        """
+        if vision_features is None:
+            if pixel_values is None:
+                raise ValueError("embed_image needs pixel_values or vision_features")
+            vision_features = self.vision(pixel_values)  # (B, N, C), no grad
+        return self.ln_vision(vision_features.to(self.ln_vision.weight.dtype))
 
     def encode_image(self, image_embeds: torch.Tensor, *, return_kv: bool = False) -> ImageEncoding:
         """The query-only pass: queries attend to each other and cross-attend to the image."""

@@ -96,6 +96,7 @@ class Stage1Objective(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
         rank: int | None = None,
@@ -107,7 +108,8 @@ class Stage1Objective(nn.Module):
 
         Args:
             input_ids / attention_mask: (B, L) BERT tokens of the captions ([CLS] first).
-            pixel_values: (B, 3, H, W) images, or ``image_embeds`` (B, N, C) after ln_vision.
+            pixel_values: (B, 3, H, W) images; or ``vision_features`` (B, N, C), the frozen
+                tower's output (e.g. from a feature cache); or ``image_embeds`` after ln_vision.
             image_ids: (B,) optional; captions of the same image are not negatives of it.
             rank / world_size: default to the process group's (or 0 / 1 without one).
             generator: RNG for the hard-negative draw (default: torch's global RNG).
@@ -118,9 +120,9 @@ class Stage1Objective(nn.Module):
         model = self.model
         cfg = model.config
         if image_embeds is None:
-            if pixel_values is None:
-                raise ValueError("Stage1Objective needs pixel_values or image_embeds")
-            image_embeds = model.embed_image(pixel_values)  # (B, N, C)
+            if pixel_values is None and vision_features is None:
+                raise ValueError("Stage1Objective needs pixel_values, vision_features or image_embeds")
+            image_embeds = model.embed_image(pixel_values, vision_features=vision_features)  # (B, N, C)
         b = image_embeds.shape[0]
         if input_ids.shape[0] != b:
             raise ValueError(f"batch has {b} images but {input_ids.shape[0]} captions")
