@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Blip2Config, ConfigError, QFormerConfig, VisionConfig
+from .config import Blip2Config, ConfigError, LLMConfig, QFormerConfig, VisionConfig
 from .convert import Converted, bert_to_qformer, hf_retrieval_to_ours, lavis_to_ours
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -225,12 +225,77 @@ def _atomic_dir(target: Path):
     return _Ctx()
 
 
-def save_blip2(model: "Blip2", directory: Path) -> None:
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+@dataclass
+class LoadOptions:
+    """What :meth:`qformer.Blip2.from_pretrained` was asked for, besides the path."""
+
+    config: Blip2Config | None = None
+    tokenizer: Any = None
+    llm_tokenizer: Any = None
+    llm_dtype: str | None = None
+    llm_quantization: str | None = None
+    strict: bool = True
+
+
+def _frozen_llm_keys(model: "Blip2") -> list[str]:
+    """State-dict keys of the frozen LLM (everything under ``llm.`` but LoRA adapters)."""
+    if model.config.llm is None:
+        return []
+    return [k for k in model.state_dict() if k.startswith("llm.") and "lora_" not in k]
+
+
+def clean_llm_state_dict(model: "Blip2") -> dict[str, torch.Tensor]:
+    """The LLM's own transformers state dict, without LoRA layers (``base_layer`` unwrapped)."""
+    from .llm import base_llm
+
+    out = {}
+    for key, value in base_llm(model.llm).state_dict().items():
+        if "lora_" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value
+    return out
+
+
+def save_blip2(model: "Blip2", directory: Path, *, include_frozen: bool = True) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (+ tokenizers, + ``llm/``) atomically.
+
+    ``include_frozen=True`` makes the directory self-contained: the frozen vision tower is in
+    ``model.safetensors`` and the frozen LLM is a transformers directory ``llm/``.
+    ``include_frozen=False`` (training checkpoints) keeps only what trains (and small
+    buffers); the frozen towers are then rebuilt from ``vision.pretrained`` / ``llm.path``.
+    A quantised LLM is never written: it is re-quantised from ``llm.path`` at load.
+    """
+    config = Blip2Config.from_dict(model.config.to_dict())
+    state = model.state_dict()
+    drop = set(_frozen_llm_keys(model))
+    if not include_frozen:
+        if not config.vision.pretrained:
+            raise CheckpointError(
+                "include_frozen=False leaves the vision tower out, but vision.pretrained does not say "
+                "where to load it from; save with include_frozen=True"
+            )
+        drop |= {k for k in state if k.startswith(VISION_PREFIX)}
+    save_llm = config.llm is not None and include_frozen and config.llm.quantization is None
+    if config.llm is not None and not save_llm and config.llm.path is None:
+        raise CheckpointError("the frozen LLM is not written here and llm.path is unset: it could not be reloaded")
+    sd = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in drop}
     with _atomic_dir(directory) as tmp:
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": type(model).__name__,
-                "config": model.config.to_dict()}
+        if save_llm:
+            from .llm import base_llm
+
+            base_llm(model.llm).save_pretrained(str(tmp / "llm"), state_dict=clean_llm_state_dict(model))
+            model.llm_tokenizer.save_pretrained(str(tmp / "llm"))
+            config.llm.path, config.llm.hf_config = "llm", None
+        if model.llm_tokenizer is not None:
+            model.llm_tokenizer.save_pretrained(str(tmp / "llm_tokenizer"))
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "architecture": type(model).__name__,
+            "include_frozen": include_frozen,
+            "config": config.to_dict(),
+        }
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
@@ -257,24 +322,33 @@ def _load_tokenizer(tokenizer: Any, fallback_dir: Path | None):
     return tokenizer
 
 
-def load_blip2(cls, path: Path, *, config, tokenizer, strict: bool):
+def _load_llm_tokenizer(tokenizer: Any, *candidates: Any):
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    for cand in ([tokenizer] if tokenizer is not None else []) + [c for c in candidates if c is not None]:
+        if Path(str(cand)).is_dir() or tokenizer is not None:
+            return AutoTokenizer.from_pretrained(str(cand), trust_remote_code=False)
+    return None
+
+
+def load_blip2(cls, path: Path, opts: LoadOptions):
+    config = opts.config
     if isinstance(config, dict):
-        config = Blip2Config.from_dict(config)
+        config = opts.config = Blip2Config.from_dict(config)
     if path.is_dir():
         cfg_path = path / CONFIG_NAME
         if not cfg_path.is_file():
             raise CheckpointError(f"{path} has no {CONFIG_NAME}: not a qformer or transformers model directory")
         meta = _read_json(cfg_path)
         if meta.get("format") == FORMAT:
-            return _load_ours(cls, path, meta, tokenizer=tokenizer, strict=strict)
+            return _load_ours(cls, path, meta, opts)
         if meta.get("model_type") == "blip-2":
             archs = meta.get("architectures") or []
-            if "Blip2ForImageTextRetrieval" in archs or meta.get("qformer_config", {}).get("use_qformer_text_input"):
-                return _load_hf_retrieval(cls, path, meta, tokenizer=tokenizer, strict=strict)
-            raise CheckpointError(
-                f"{path}: transformers BLIP-2 architecture {archs or '?'} is not supported yet "
-                "(stage-1 loading supports Blip2ForImageTextRetrieval)"
-            )
+            if "Blip2ForConditionalGeneration" in archs or ("text_config" in meta and "Blip2ForImageTextRetrieval" not in archs):
+                return _load_hf_generation(cls, path, meta, opts)
+            return _load_hf_retrieval(cls, path, meta, opts)
         raise CheckpointError(
             f"{cfg_path}: neither a qformer checkpoint (format={meta.get('format')!r}) "
             f"nor a transformers BLIP-2 config (model_type={meta.get('model_type')!r})"
@@ -284,17 +358,38 @@ def load_blip2(cls, path: Path, *, config, tokenizer, strict: bool):
             raise CheckpointError(
                 f"{path}: a LAVIS .pth carries no architecture; pass config=Blip2Config(...) with its shapes"
             )
-        return _load_lavis(cls, path, config, tokenizer=tokenizer, strict=strict)
+        return _load_lavis(cls, path, config, opts)
     raise CheckpointError(f"{path}: expected a model directory or a LAVIS .pth file")
 
 
-def _load_ours(cls, path: Path, meta: dict, *, tokenizer, strict: bool):
+def _override_llm(config: Blip2Config, opts: LoadOptions) -> None:
+    if config.llm is None:
+        return
+    if opts.llm_dtype is not None:
+        config.llm.dtype = opts.llm_dtype
+    if opts.llm_quantization is not None:
+        config.llm.quantization = opts.llm_quantization
+    config.llm.__post_init__()
+
+
+def _load_ours(cls, path: Path, meta: dict, opts: LoadOptions):
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer qformer (format_version {meta['format_version']})")
     config = Blip2Config.from_dict(meta["config"])
-    model = cls(config, tokenizer=_load_tokenizer(tokenizer, path))
+    if config.llm is not None and config.llm.path is not None and not os.path.isabs(config.llm.path):
+        if (path / config.llm.path).is_dir():
+            config.llm.path = str(path / config.llm.path)
+    _override_llm(config, opts)
+    llm_tok = None
+    if config.llm is not None:
+        llm_tok = _load_llm_tokenizer(opts.llm_tokenizer, path / "llm_tokenizer", config.llm.path)
+    model = cls(config, tokenizer=_load_tokenizer(opts.tokenizer, path), llm_tokenizer=llm_tok)
     sd = read_state_dict(path / WEIGHTS_NAME)
-    report = load_into(model, Converted(state_dict=sd), source=str(path / WEIGHTS_NAME), strict=strict)
+    absent_ok = {k: f"frozen LLM, loaded from {config.llm.path}" for k in _frozen_llm_keys(model)}
+    if not any(k.startswith(VISION_PREFIX) for k in sd) and config.vision.pretrained:
+        absent_ok[VISION_PREFIX] = f"frozen vision tower, loaded from {config.vision.pretrained!r}"
+    report = load_into(model, Converted(state_dict=sd), source=str(path / WEIGHTS_NAME), strict=opts.strict,
+                       absent_ok=absent_ok)
     return model, report
 
 
@@ -313,28 +408,76 @@ def _lavis_vision_weights(sd: dict[str, torch.Tensor], config: Blip2Config) -> d
     return timm_sd
 
 
-def _load_lavis(cls, path: Path, config: Blip2Config, *, tokenizer, strict: bool):
+_LAVIS_LLM_PREFIXES = ("opt_model.", "t5_model.")
+
+
+def _load_lavis(cls, path: Path, config: Blip2Config, opts: LoadOptions):
+    """LAVIS ``Blip2Qformer`` (stage 1) or ``Blip2OPT`` / ``Blip2T5`` (stage 2) weights.
+
+    LAVIS saves only trainable tensors, so its files normally lack the frozen ViT and LLM:
+    they then come from ``config.vision.pretrained`` and ``config.llm.path``. When the file
+    does hold them (``visual_encoder.*``, ``opt_model.*``), they are loaded and checked too.
+    """
+    config = Blip2Config.from_dict(config.to_dict())
+    _override_llm(config, opts)
     sd = read_state_dict(path)
-    model = cls(config, tokenizer=_load_tokenizer(tokenizer, None))
-    converted = lavis_to_ours(sd, vision_prefix=None)
+    llm_tok = None
+    if config.llm is not None:
+        llm_tok = _load_llm_tokenizer(opts.llm_tokenizer, config.llm.path)
+    model = cls(config, tokenizer=_load_tokenizer(opts.tokenizer, None), llm_tokenizer=llm_tok)
+    body = {k: v for k, v in sd.items() if not k.startswith(_LAVIS_LLM_PREFIXES)}
+    converted = lavis_to_ours(body, vision_prefix=None)
+    for key in ("opt_proj.", "t5_proj."):
+        for k in [k for k in converted.unrecognised if k.startswith(key)]:
+            converted.unrecognised.remove(k)
+            converted.state_dict["language_projection." + k[len(key):]] = body[k]
     absent_ok: dict[str, str] = {}
     if any(k.startswith("visual_encoder.") for k in sd):
         converted.dropped = {k: v for k, v in converted.dropped.items() if not k.startswith("visual_encoder.")}
         for key, value in _lavis_vision_weights(sd, config).items():
             converted.state_dict[VISION_PREFIX + key] = value
     elif config.vision.pretrained:
-        # LAVIS saves only trainable tensors; the frozen ViT comes from the vision config.
         absent_ok[VISION_PREFIX] = f"frozen vision tower not in the LAVIS file; loaded from {config.vision.pretrained!r}"
-    # else: the tower would stay random, so its keys are reported as missing.
-    report = load_into(model, converted, source=str(path), strict=strict, absent_ok=absent_ok)
+    # (else the tower would stay random, so its keys are reported as missing)
+    llm_sd = {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith(_LAVIS_LLM_PREFIXES)}
+    if config.llm is not None:
+        source = f"{path} (opt_model / t5_model)" if llm_sd else f"{config.llm.path}"
+        if llm_sd:
+            load_llm_weights(model, llm_sd, source=source)
+        for k in _frozen_llm_keys(model):
+            absent_ok[k] = f"frozen LLM, loaded from {source}"
+    elif llm_sd:
+        converted.unrecognised.extend(k for k in sd if k.startswith(_LAVIS_LLM_PREFIXES))
+    report = load_into(model, converted, source=str(path), strict=opts.strict, absent_ok=absent_ok)
     return model, report
 
 
-def blip2_config_from_hf(meta: dict[str, Any], directory: Path | None = None) -> Blip2Config:
-    """Our config equivalent to a transformers ``Blip2Config`` dict."""
+def load_llm_weights(model: "Blip2", sd: dict[str, torch.Tensor], *, source: str) -> None:
+    """Copy a plain transformers state dict of the LLM into ``model.llm`` (LoRA-wrapped or
+    not), strictly: every weight must be given except those tied to the input embeddings."""
+    from .llm import base_llm
+
+    lm = base_llm(model.llm)
+    params = {k.replace(".base_layer.", "."): t for k, t in lm.state_dict(keep_vars=True).items() if "lora_" not in k}
+    unexpected = sorted(set(sd) - set(params))
+    emb = lm.get_input_embeddings().weight
+    missing = sorted(k for k in set(params) - set(sd) if params[k].data_ptr() != emb.data_ptr())
+    bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(params[k].shape)}" for k in set(sd) & set(params)
+           if sd[k].shape != params[k].shape]
+    if unexpected or missing or bad:
+        raise CheckpointError(
+            f"{source}: LLM weights do not fit: missing {_summarise(missing)}; unexpected {_summarise(unexpected)}; "
+            f"shapes {bad}"
+        )
+    with torch.no_grad():
+        for k, v in sd.items():
+            params[k].copy_(v)
+
+
+def _hf_blip2_parts(meta: dict[str, Any], directory: Path | None) -> tuple[VisionConfig, QFormerConfig]:
     v = dict(meta["vision_config"])
-    q = meta["qformer_config"]
-    mean, std, size = None, None, v.get("image_size", 224)
+    q = dict(meta["qformer_config"])
+    mean, std = None, None
     if directory is not None and (directory / "preprocessor_config.json").is_file():
         pre = _read_json(directory / "preprocessor_config.json")
         mean, std = pre.get("image_mean"), pre.get("image_std")
@@ -347,7 +490,7 @@ def blip2_config_from_hf(meta: dict[str, Any], directory: Path | None = None) ->
         name="blip_2_vision_model",
         model_kwargs=vision_kwargs,
         feature_layer=-1,
-        image_size=size,
+        image_size=v.get("image_size", 224),
         **({"mean": tuple(mean), "std": tuple(std)} if mean and std else {}),
     )
     qformer = QFormerConfig(
@@ -361,30 +504,119 @@ def blip2_config_from_hf(meta: dict[str, Any], directory: Path | None = None) ->
         attention_dropout=q.get("attention_probs_dropout_prob", 0.1),
         max_position_embeddings=q.get("max_position_embeddings", 512),
         layer_norm_eps=q.get("layer_norm_eps", 1e-12),
-        pad_token_id=q.get("pad_token_id", 0) if q.get("pad_token_id") is not None else 0,
+        pad_token_id=q["pad_token_id"] if q.get("pad_token_id") is not None else 0,
         initializer_range=q.get("initializer_range", 0.02),
         cross_attention_freq=q.get("cross_attention_frequency", 2),
         encoder_width=q.get("encoder_hidden_size", v.get("hidden_size", 1408)),
         num_query_tokens=meta.get("num_query_tokens", 32),
+        text_input=bool(q.get("use_qformer_text_input", False)),
     )
+    return vision, qformer
+
+
+def blip2_config_from_hf(meta: dict[str, Any], directory: Path | None = None) -> Blip2Config:
+    """Our config equivalent to a transformers ``Blip2Config`` dict (retrieval or generation)."""
+    vision, qformer = _hf_blip2_parts(meta, directory)
+    llm = None
+    if "text_config" in meta and meta.get("text_config") is not None and (
+        "Blip2ForConditionalGeneration" in (meta.get("architectures") or []) or not qformer.text_input
+    ):
+        text = {k: v for k, v in meta["text_config"].items() if not k.startswith("_") and k != "transformers_version"}
+        llm = LLMConfig(hf_config=text, dtype="bfloat16")
+    retrieval = llm is None
+    if retrieval:
+        qformer.text_input = True
     return Blip2Config(
         vision=vision,
         qformer=qformer,
+        llm=llm,
+        stage1_heads=retrieval,
         embed_dim=meta.get("image_text_hidden_size", 256),
-        ln_vision_eps=v.get("layer_norm_eps", 1e-6),
+        ln_vision_eps=vision.model_kwargs.get("layer_norm_eps", 1e-6),
     )
 
 
-def _load_hf_retrieval(cls, path: Path, meta: dict, *, tokenizer, strict: bool):
+def _load_hf_retrieval(cls, path: Path, meta: dict, opts: LoadOptions):
     config = blip2_config_from_hf(meta, path)
-    model = cls(config, tokenizer=_load_tokenizer(tokenizer, path))
+    model = cls(config, tokenizer=_load_tokenizer(opts.tokenizer, path))
     converted = hf_retrieval_to_ours(read_hf_weights(path), vision_prefix=VISION_PREFIX)
     absent_ok = {
         "temp": "transformers' retrieval model has no temperature; set to temp_init",
         "qformer.lm_head.": "transformers' retrieval model has no LM head; needed only for ITG training",
     }
-    report = load_into(model, converted, source=str(path), strict=strict, absent_ok=absent_ok)
+    report = load_into(model, converted, source=str(path), strict=opts.strict, absent_ok=absent_ok)
     return model, report
+
+
+def build_llm_from_state_dict(llm_config: LLMConfig, sd: dict[str, torch.Tensor], *, source: str):
+    """A frozen LLM from a config and a state dict, without a random initialisation first
+    (parameters start on the meta device and are assigned the checkpoint's tensors)."""
+    from accelerate import init_empty_weights
+
+    from .llm import _auto_class, hf_config_of, torch_dtype
+
+    hf_config = hf_config_of(llm_config)
+    dtype = torch_dtype(llm_config.dtype)
+    with init_empty_weights():
+        model = _auto_class(hf_config).from_config(hf_config, dtype=dtype)
+    own = model.state_dict()
+    unexpected = sorted(set(sd) - set(own))
+    if unexpected:
+        raise CheckpointError(f"{source}: LLM weights with no place in {type(model).__name__}: {_summarise(unexpected)}")
+    bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if sd[k].shape != own[k].shape]
+    if bad:
+        raise CheckpointError(f"{source}: LLM weight shapes do not match its config:\n  " + "\n  ".join(bad))
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{source}: LLM weights missing from the checkpoint: {_summarise(still_meta)}")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _load_hf_generation(cls, path: Path, meta: dict, opts: LoadOptions):
+    """transformers ``Blip2ForConditionalGeneration`` (Salesforce/blip2-opt-*, blip2-flan-t5-*)."""
+    config = blip2_config_from_hf(meta, path)
+    if config.llm is None:
+        raise CheckpointError(f"{path}: a Blip2ForConditionalGeneration config without text_config")
+    _override_llm(config, opts)
+    sd = read_hf_weights(path)
+    llm_sd = {k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")}
+    if not llm_sd:
+        raise CheckpointError(f"{path}: no language_model.* weights")
+    if config.llm.quantization is not None:
+        # bitsandbytes quantises while loading from a transformers directory: write the LLM
+        # out once (cached by content) and load it from there.
+        config.llm.path = _extract_llm(path, config.llm, llm_sd)
+        config.llm.hf_config = None
+        llm = None
+    else:
+        llm = build_llm_from_state_dict(config.llm, llm_sd, source=str(path))
+    llm_tok = _load_llm_tokenizer(opts.llm_tokenizer, path)
+    model = cls(config, tokenizer=None, llm_tokenizer=llm_tok, llm=llm)
+    rest = {k: v for k, v in sd.items() if not k.startswith("language_model.")}
+    converted = hf_retrieval_to_ours(rest, vision_prefix=VISION_PREFIX)
+    absent_ok = {k: "frozen LLM (language_model.*), loaded separately" for k in _frozen_llm_keys(model)}
+    report = load_into(model, converted, source=str(path), strict=opts.strict, absent_ok=absent_ok)
+    return model, report
+
+
+def _extract_llm(path: Path, llm_config: LLMConfig, llm_sd: dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(llm_sd)[:8]:
+        digest.update(name.encode())
+        digest.update(llm_sd[name].flatten()[:64].float().numpy().tobytes())
+    root = Path(os.environ.get("QFORMER_CACHE", Path.home() / ".cache" / "qformer")) / "extracted-llm"
+    target = root / f"{path.name}-{digest.hexdigest()[:16]}"
+    if not (target / "config.json").is_file():
+        with _atomic_dir(target) as tmp:
+            llm = build_llm_from_state_dict(LLMConfig(hf_config=llm_config.hf_config, dtype=llm_config.dtype), llm_sd,
+                                            source=str(path))
+            llm.save_pretrained(str(tmp))
+    return str(target)
 
 
 # ---------------------------------------------------------------------------- BERT init

@@ -108,6 +108,9 @@ class QFormerConfig:
     # Width of the vision features the cross-attention reads (1408 for EVA ViT-g).
     encoder_width: int = 1408
     num_query_tokens: int = 32
+    # False: the stage-2-only Q-Former of transformers' Blip2ForConditionalGeneration and
+    # LAVIS's Blip2OPT/T5 (no word/position embeddings, no text FFNs, no LM head).
+    text_input: bool = True
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -132,6 +135,49 @@ class QFormerConfig:
 
 
 @dataclass(kw_only=True)
+class LLMConfig:
+    """The frozen language model of stage 2 (any causal or seq2seq transformers LM).
+
+    ``path``: a local directory or hub name for ``from_pretrained``; or ``hf_config``: a
+    transformers config dict to build it from (tiny test models, meta-device cards).
+    """
+
+    path: str | None = None
+    hf_config: dict[str, Any] | None = None
+    # Frozen weights' dtype: "bfloat16" (fast and safe on this project's CPUs and on GPUs),
+    # "float32" or "float16". Ignored for the quantised layers.
+    dtype: str = "bfloat16"
+    quantization: str | None = None  # None, "8bit", "4bit" (nf4) or "4bit-fp4"
+    lora: dict[str, Any] | None = None  # peft.LoraConfig fields; None keeps the LLM fully frozen
+    # Training text: "prompt" = prompt + caption (OPT; FlanT5 fine-tuning);
+    # "prefix_lm" = BLIP-2's FlanT5 stage-2 pretraining: each caption split at a random word
+    # into an encoder prefix and a decoder target (seq2seq models only).
+    text_mode: str = "prompt"
+    prompt: str = ""  # e.g. "a photo of" for caption fine-tuning
+    max_txt_len: int = 32
+    # Appended to causal-LM captions; its token ends generation (OPT's "\n" in BLIP-2).
+    # None: use the tokenizer's eos token instead.
+    end_of_text: str | None = "\n"
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.hf_config is None):
+            raise ConfigError("llm: give exactly one of llm.path (from_pretrained) and llm.hf_config (build from config)")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"llm.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantization not in (None, "8bit", "4bit", "4bit-fp4"):
+            raise ConfigError(f"llm.quantization must be None, '8bit', '4bit' or '4bit-fp4', got {self.quantization!r}")
+        if self.text_mode not in ("prompt", "prefix_lm"):
+            raise ConfigError(f"llm.text_mode must be 'prompt' or 'prefix_lm', got {self.text_mode!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LLMConfig":
+        return _from_dict(cls, data, "llm config")
+
+
+@dataclass(kw_only=True)
 class Blip2Config:
     """The whole model: frozen vision tower, Q-Former, and the stage-1 heads.
 
@@ -142,6 +188,10 @@ class Blip2Config:
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    # Stage 2: the frozen LLM the queries are projected into (None for a stage-1 model).
+    llm: LLMConfig | None = None
+    # The stage-1 heads (vision_proj, text_proj, itm_head, temp); need qformer.text_input.
+    stage1_heads: bool = True
     embed_dim: int = 256  # ITC embedding size (vision_proj / text_proj)
     # ln_vision: LAVIS uses torch's default 1e-5; transformers' post_layernorm uses 1e-6.
     ln_vision_eps: float = 1e-5
@@ -150,10 +200,15 @@ class Blip2Config:
     dec_token_id: int = 30522
     sep_token_id: int = 102
 
+    def __post_init__(self) -> None:
+        if self.stage1_heads and not self.qformer.text_input:
+            raise ConfigError("stage1_heads=True needs qformer.text_input=True (ITC/ITM/ITG read text)")
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["vision"] = self.vision.to_dict()
         d["qformer"] = self.qformer.to_dict()
+        d["llm"] = None if self.llm is None else self.llm.to_dict()
         return d
 
     @classmethod
@@ -161,4 +216,6 @@ class Blip2Config:
         data = dict(data)
         vision = VisionConfig.from_dict(data.pop("vision", {}))
         qformer = QFormerConfig.from_dict(data.pop("qformer", {}))
-        return _from_dict(cls, dict(data, vision=vision, qformer=qformer), "blip2 config")
+        llm = data.pop("llm", None)
+        llm = None if llm is None else LLMConfig.from_dict(llm)
+        return _from_dict(cls, dict(data, vision=vision, qformer=qformer, llm=llm), "blip2 config")

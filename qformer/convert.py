@@ -169,7 +169,8 @@ def ours_to_lavis(sd: dict[str, torch.Tensor], *, vision_prefix: str = "vision."
 
 # ---------------------------------------------------------------------------- transformers
 def hf_retrieval_to_ours(sd: dict[str, torch.Tensor], *, vision_prefix: str = "vision.") -> Converted:
-    """transformers ``Blip2ForImageTextRetrieval`` -> ours.
+    """transformers ``Blip2ForImageTextRetrieval`` (or the non-LLM part of
+    ``Blip2ForConditionalGeneration``) -> ours.
 
     ``vision_model.post_layernorm`` is BLIP-2's ``ln_vision``; the rest of ``vision_model.*``
     goes under ``vision_prefix`` unchanged (our "hf" tower wraps ``Blip2VisionModel``).
@@ -178,7 +179,7 @@ def hf_retrieval_to_ours(sd: dict[str, torch.Tensor], *, vision_prefix: str = "v
     out = Converted(state_dict={})
     for key, value in sd.items():
         new: str | None = None
-        if key == "query_tokens" or key.startswith("itm_head."):
+        if key == "query_tokens" or key.startswith(("itm_head.", "language_projection.")):
             new = key
         elif key.startswith("vision_model.post_layernorm."):
             new = "ln_vision." + key[len("vision_model.post_layernorm.") :]

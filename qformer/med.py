@@ -112,7 +112,8 @@ class MEDLayer(nn.Module):
         self.cross_attn = (
             MEDAttention(kv_width=config.encoder_width, **common) if config.has_cross_attention(layer_idx) else None
         )
-        self.ffn = MEDFeedForward(config)
+        # Text FFN only when the Q-Former reads text (stage-2-only Q-Formers drop it).
+        self.ffn = MEDFeedForward(config) if config.text_input else None
         self.ffn_query = MEDFeedForward(config)
 
     def forward(
@@ -152,8 +153,9 @@ class MEDEmbeddings(nn.Module):
 
     def __init__(self, config: QFormerConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        if config.text_input:
+            self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
@@ -258,7 +260,7 @@ class MED(nn.Module):
         self.config = config
         self.embeddings = MEDEmbeddings(config)
         self.layers = nn.ModuleList([MEDLayer(config, i) for i in range(config.num_layers)])
-        self.lm_head = MEDLMHead(config)
+        self.lm_head = MEDLMHead(config) if config.text_input else None
         self.gradient_checkpointing = config.gradient_checkpointing
         self.reset_parameters()
 
@@ -277,7 +279,8 @@ class MED(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
-        self.lm_head.bias.zero_()
+        if self.lm_head is not None:
+            self.lm_head.bias.zero_()
 
     @property
     def cross_attention_layers(self) -> list[int]:
@@ -323,6 +326,8 @@ class MED(nn.Module):
         """
         if input_ids is None and query_embeds is None:
             raise ValueError("MED needs input_ids, query_embeds or both")
+        if input_ids is not None and not self.config.text_input:
+            raise ValueError("this Q-Former has no text input (qformer.text_input=False): it only runs queries")
         num_queries = 0 if query_embeds is None else query_embeds.shape[1]
         num_text = 0 if input_ids is None else input_ids.shape[1]
         batch = (input_ids if input_ids is not None else query_embeds).shape[0]
@@ -358,6 +363,8 @@ class MED(nn.Module):
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (..., V) of text hidden states (..., D)."""
+        if self.lm_head is None:
+            raise ValueError("this Q-Former has no LM head (qformer.text_input=False)")
         return self.lm_head(hidden, self.embeddings.word_embeddings.weight)
 
 

@@ -53,7 +53,20 @@ class Blip2(nn.Module):
     Build with ``Blip2(config, tokenizer=...)`` or load with :meth:`from_pretrained`.
     """
 
-    def __init__(self, config: Blip2Config | None = None, *, tokenizer: "PreTrainedTokenizerBase | None" = None):
+    def __init__(
+        self,
+        config: Blip2Config | None = None,
+        *,
+        tokenizer: "PreTrainedTokenizerBase | None" = None,
+        llm_tokenizer: "PreTrainedTokenizerBase | None" = None,
+        llm: nn.Module | None = None,
+    ):
+        """Args:
+            config: the architecture (defaults: BLIP-2's EVA ViT-g + BERT-base Q-Former).
+            tokenizer: the Q-Former's BERT tokenizer with ``[DEC]`` (stage 1 and itm/similarity).
+            llm_tokenizer: the LLM's tokenizer (stage 2); loaded from ``config.llm.path`` if omitted.
+            llm: an already built LLM module for ``config.llm`` (used by the checkpoint loaders).
+        """
         super().__init__()
         config = config if config is not None else Blip2Config()
         self.config = config
@@ -69,13 +82,21 @@ class Blip2(nn.Module):
             torch.empty(1, config.qformer.num_query_tokens, hidden).normal_(0.0, config.qformer.initializer_range)
         )
         self.qformer = MED(config.qformer)
-        self.vision_proj = nn.Linear(hidden, config.embed_dim)
-        self.text_proj = nn.Linear(hidden, config.embed_dim)
-        self.itm_head = nn.Linear(hidden, 2)
-        self.temp = nn.Parameter(torch.tensor(float(config.temp_init)))
+        if config.stage1_heads:
+            self.vision_proj = nn.Linear(hidden, config.embed_dim)
+            self.text_proj = nn.Linear(hidden, config.embed_dim)
+            self.itm_head = nn.Linear(hidden, 2)
+            self.temp = nn.Parameter(torch.tensor(float(config.temp_init)))
         self.tokenizer = tokenizer
         if tokenizer is not None:
             check_tokenizer(tokenizer, config)
+        self.llm_tokenizer = None
+        if config.llm is not None:
+            from .llm import hidden_size, load_llm
+
+            self.llm = llm if llm is not None else load_llm(config.llm)
+            self.language_projection = nn.Linear(hidden, hidden_size(self.llm))
+            self.llm_tokenizer = llm_tokenizer if llm_tokenizer is not None else _load_llm_tokenizer(config)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -176,10 +197,43 @@ class Blip2(nn.Module):
     def train(self, mode: bool = True) -> "Blip2":
         super().train(mode)
         self.vision.eval()  # frozen: dropout / drop-path always off
+        if self.config.llm is not None:
+            self.llm.eval()  # frozen LLM: no dropout ...
+            for name, module in self.llm.named_modules():
+                if "lora_dropout" in name:  # ... except LoRA's own, which trains
+                    module.train(mode)
         return self
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def set_stage(self, stage: int) -> None:
+        """Make exactly the parameters of a training stage trainable.
+
+        Stage 1: everything but the frozen vision tower (and LLM). Stage 2: the query path of
+        the Q-Former (query tokens, ln_vision, self/cross-attention, query FFNs, embedding
+        LayerNorm), the language projection and any LoRA adapters; the text-only parts and
+        the stage-1 heads get no gradient in stage 2, so they are frozen.
+        """
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        if stage == 2 and self.config.llm is None:
+            raise ConfigError("stage 2 needs an LLM: set config.llm")
+        for name, p in self.named_parameters():
+            if name.startswith("vision."):
+                p.requires_grad_(False)
+            elif name.startswith("llm."):
+                p.requires_grad_(stage == 2 and "lora_" in name)
+            elif stage == 1:
+                p.requires_grad_(name != "language_projection.weight" and name != "language_projection.bias")
+            else:
+                text_only = (
+                    name.startswith(("vision_proj.", "text_proj.", "itm_head.", "qformer.lm_head."))
+                    or name == "temp"
+                    or name.startswith(("qformer.embeddings.word_embeddings.", "qformer.embeddings.position_embeddings."))
+                    or ".ffn." in name
+                )
+                p.requires_grad_(not text_only)
 
     @torch.no_grad()
     def clamp_temperature_(self, low: float = 0.001, high: float = 0.5) -> None:
@@ -259,12 +313,123 @@ class Blip2(nn.Module):
             probs.append(self.itm_logits(ids, mask, kv).float().softmax(dim=-1)[:, 1])
         return torch.cat(probs)
 
+    # ------------------------------------------------------------------ stage 2: generation
+    def _require_llm(self) -> None:
+        if self.config.llm is None:
+            raise ConfigError("this is a stage-1 model: generation needs an LLM (config.llm)")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: ImageInput,
+        prompt: str | Sequence[str] | None = None,
+        *,
+        num_beams: int = 5,
+        max_new_tokens: int = 30,
+        min_new_tokens: int = 1,
+        do_sample: bool = False,
+        top_p: float = 0.9,
+        temperature: float = 1.0,
+        num_captions: int = 1,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
+        batch_size: int = 32,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Text for each image (``num_captions`` per image, image-major), from the LLM
+        conditioned on the soft prompts and the text ``prompt`` (one for all, or one per image;
+        default ``config.llm.prompt``). Defaults are LAVIS's: beam 5, up to 30 new tokens.
+        ``do_sample=True`` is nucleus sampling (``top_p``, ``temperature``), one beam.
+        Other keyword arguments go to transformers' ``generate``."""
+        self._require_llm()
+        from .stage2 import end_of_text_id, generation_inputs
+        from .llm import is_encoder_decoder
+
+        pixels = self._pixels(images)
+        n = pixels.shape[0]
+        prompts = [prompt] * n if prompt is None or isinstance(prompt, str) else list(prompt)
+        prompts = [self.config.llm.prompt if p is None else p for p in prompts]
+        if len(prompts) != n:
+            raise ValueError(f"got {n} images but {len(prompts)} prompts")
+        tok = self.llm_tokenizer
+        eos = tok.eos_token_id if is_encoder_decoder(self.llm) else end_of_text_id(tok, self.config.llm)
+        options = dict(
+            num_beams=1 if do_sample else num_beams,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=do_sample,
+            num_return_sequences=num_captions,
+            repetition_penalty=repetition_penalty,
+            length_penalty=length_penalty,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+        )
+        if do_sample:
+            options.update(top_p=top_p, temperature=temperature)
+        options.update(generate_kwargs)
+        texts: list[str] = []
+        for start in range(0, n, batch_size):
+            embeds = self.embed_image(pixels[start : start + batch_size])
+            inputs = generation_inputs(self, embeds, prompts[start : start + batch_size])
+            out = self.llm.generate(**inputs, **options)
+            texts.extend(t.strip() for t in tok.batch_decode(out, skip_special_tokens=True))
+        return texts
+
+    @torch.no_grad()
+    def caption(self, images: ImageInput, **generate_options: Any) -> list[str]:
+        """Captions with the training prompt (``config.llm.prompt``); see :meth:`generate`."""
+        return self.generate(images, None, **generate_options)
+
+    @torch.no_grad()
+    def answer(
+        self,
+        images: ImageInput,
+        questions: str | Sequence[str],
+        *,
+        template: str | None = None,
+        num_beams: int = 5,
+        max_new_tokens: int = 10,
+        length_penalty: float = -1.0,
+        **generate_options: Any,
+    ) -> list[str]:
+        """Zero-shot VQA as BLIP-2: "Question: {} Answer:" (causal LMs) or "Question: {} Short
+        answer:" (seq2seq), beam 5, at most 10 new tokens, length penalty -1."""
+        self._require_llm()
+        from .llm import is_encoder_decoder
+        from .stage2 import VQA_PROMPT_CAUSAL, VQA_PROMPT_SEQ2SEQ
+
+        questions = self._as_list(questions)
+        if template is None:
+            template = VQA_PROMPT_SEQ2SEQ if is_encoder_decoder(self.llm) else VQA_PROMPT_CAUSAL
+        pixels = self._pixels(images)
+        if pixels.shape[0] == 1 and len(questions) > 1:
+            pixels = pixels.expand(len(questions), -1, -1, -1)
+        return self.generate(
+            pixels,
+            [template.format(q) for q in questions],
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            length_penalty=length_penalty,
+            **generate_options,
+        )
+
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | os.PathLike, *, safe_serialization: bool = True) -> None:
-        """Write ``model.safetensors`` + ``config.json`` (+ the tokenizer) atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, *, include_frozen: bool = True) -> None:
+        """Write ``model.safetensors`` + ``config.json`` + tokenizers (+ ``llm/``) atomically.
+
+        ``include_frozen=False`` leaves the frozen vision tower and LLM out (training
+        checkpoints); they are then rebuilt from ``vision.pretrained`` / ``llm.path``.
+        """
         from .checkpoint import save_blip2
 
-        save_blip2(self, Path(directory))
+        save_blip2(self, Path(directory), include_frozen=include_frozen)
+
+    def export_transformers(self, directory: str | os.PathLike) -> None:
+        """Write a directory that ``transformers.Blip2ForConditionalGeneration.from_pretrained``
+        loads with the same outputs (plus its tokenizer and ``Blip2Processor``)."""
+        from .export import export_transformers
+
+        export_transformers(self, Path(directory))
 
     @classmethod
     def from_pretrained(
@@ -273,22 +438,44 @@ class Blip2(nn.Module):
         *,
         config: Blip2Config | dict | None = None,
         tokenizer: "PreTrainedTokenizerBase | str | os.PathLike | None" = None,
+        llm_tokenizer: "PreTrainedTokenizerBase | str | os.PathLike | None" = None,
+        llm_dtype: str | None = None,
+        llm_quantization: str | None = None,
         strict: bool = True,
         return_report: bool = False,
     ) -> "Blip2 | tuple[Blip2, LoadReport]":
-        """Load our own saved model, a transformers ``Blip2ForImageTextRetrieval`` directory,
-        or a LAVIS stage-1 ``.pth`` (``config`` gives the shapes; ``tokenizer`` the BERT
-        tokenizer with ``[DEC]``).
+        """Load a model saved by qformer, a transformers BLIP-2 directory
+        (``Blip2ForImageTextRetrieval`` or ``Blip2ForConditionalGeneration``, the layout of
+        Salesforce/blip2-*), or a LAVIS ``.pth`` (stage 1 or 2; ``config`` gives the shapes,
+        the frozen towers come from ``config.vision.pretrained`` / ``config.llm.path``).
 
-        Loading is strict: a missing or unexpected key raises, naming the keys (keys a
-        format does not carry, such as transformers' missing ``temp`` and LM head, are
-        initialised fresh and listed in the report). Checkpoint files are untrusted input:
-        ``.pth`` files are read with ``weights_only=True`` and refused if they need more.
+        ``llm_dtype`` / ``llm_quantization`` ("8bit", "4bit", "4bit-fp4") override how the
+        frozen LLM is held. Loading is strict: a missing or unexpected key raises, naming the
+        keys (keys a format does not carry, such as transformers' missing ``temp`` and LM
+        head, are initialised fresh and listed in the report); shapes are checked before any
+        weight is copied. Checkpoint files are untrusted input: ``.pth`` files are read with
+        ``weights_only=True`` and refused if they need more.
         """
-        from .checkpoint import load_blip2
+        from .checkpoint import LoadOptions, load_blip2
 
-        model, report = load_blip2(cls, Path(path), config=config, tokenizer=tokenizer, strict=strict)
+        opts = LoadOptions(
+            config=config,
+            tokenizer=tokenizer,
+            llm_tokenizer=llm_tokenizer,
+            llm_dtype=llm_dtype,
+            llm_quantization=llm_quantization,
+            strict=strict,
+        )
+        model, report = load_blip2(cls, Path(path), opts)
         return (model, report) if return_report else model
+
+
+def _load_llm_tokenizer(config: Blip2Config):
+    if config.llm.path is None:
+        raise ConfigError("an LLM built from llm.hf_config needs its tokenizer: pass Blip2(config, llm_tokenizer=...)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.llm.path, trust_remote_code=False)
 
 
 def check_tokenizer(tokenizer: "PreTrainedTokenizerBase", config: Blip2Config) -> None:

@@ -79,3 +79,47 @@ def bert_tokenizer_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("bert_tok")
     write_bert_tokenizer(d)
     return d
+
+
+def _train_bpe(special: list[str], vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [" ".join(WORDS), "a photo of " + " ".join(WORDS), "Question: what is it? Answer: a cat\n"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def write_causal_tokenizer(directory: Path):
+    """An OPT-style tokenizer: byte-level BPE, "</s>" as BOS/EOS prepended to every text, "<pad>"."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_bpe(["<s>", "<pad>", "</s>", "<unk>"])
+    bos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A $B", special_tokens=[("</s>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    directory.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def write_seq2seq_tokenizer(directory: Path):
+    """A T5-style tokenizer: "<pad>"=0 (decoder start), "</s>"=1 appended to every text."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_bpe(["<pad>", "</s>", "<unk>"])
+    eos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    directory.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(directory))
+    return fast

@@ -1,0 +1,150 @@
+"""Export to transformers' ``Blip2ForConditionalGeneration`` (with tokenizer and processor).
+
+transformers 5.x inserts ``num_query_tokens`` image placeholder tokens (``image_token_index``)
+into the LLM's input ids and scatters the projected queries there; the export adds an
+``<image>`` token to the LLM tokenizer for that (it must fit in the LLM's embedding matrix).
+LoRA adapters are merged into the exported weights; a quantised LLM cannot be exported.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .checkpoint import VISION_PREFIX, CheckpointError, _atomic_dir, clean_llm_state_dict
+from .convert import ours_to_hf_retrieval
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import Blip2
+
+IMAGE_TOKEN = "<image>"
+
+
+def _vision_for_hf(model: "Blip2") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(Blip2VisionConfig kwargs, Blip2VisionModel weights without post_layernorm)."""
+    cfg = model.config.vision
+    tower_sd = {k[len(VISION_PREFIX):]: v for k, v in model.state_dict().items() if k.startswith(VISION_PREFIX)}
+    if cfg.backend == "hf" and cfg.name == "blip_2_vision_model":
+        hf = model.vision.model.config
+        kwargs = dict(
+            hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+            num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
+            image_size=hf.image_size, patch_size=hf.patch_size, hidden_act=hf.hidden_act,
+            layer_norm_eps=hf.layer_norm_eps, qkv_bias=hf.qkv_bias,
+        )
+        return kwargs, tower_sd
+    if cfg.backend == "timm":
+        from .vision import blip2_vision_config_kwargs_from_eva, convert_eva_timm_to_blip2_hf
+
+        try:
+            kwargs = blip2_vision_config_kwargs_from_eva(model.vision.model)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(
+                f"transformers' BLIP-2 holds only its EVA-style vision model; the tower {cfg.name!r} "
+                f"cannot be expressed as one: {e}"
+            ) from e
+        return kwargs, convert_eva_timm_to_blip2_hf(tower_sd)
+    raise CheckpointError(
+        f"transformers' BLIP-2 holds only its EVA-style vision model; a {cfg.backend}:{cfg.name} tower cannot be exported"
+    )
+
+
+def _merged_llm_state_dict(model: "Blip2") -> dict[str, torch.Tensor]:
+    """The LLM's weights with any LoRA adapters merged in (W + scale * B @ A)."""
+    from .llm import base_llm
+
+    sd = clean_llm_state_dict(model)
+    lm = base_llm(model.llm)
+    for name, module in lm.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            for adapter in getattr(module, "active_adapters", []) or []:
+                key = f"{name}.weight"
+                sd[key] = sd[key] + module.get_delta_weight(adapter).to(sd[key].dtype)
+    return sd
+
+
+def export_transformers(model: "Blip2", directory: Path) -> None:
+    from transformers import Blip2Config as HFBlip2Config
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+
+    from .llm import base_llm
+
+    cfg = model.config
+    if cfg.llm is None:
+        raise CheckpointError("export_transformers writes a Blip2ForConditionalGeneration: the model needs an LLM")
+    if cfg.llm.quantization is not None:
+        raise CheckpointError("a quantised LLM cannot be exported; load the model with llm_quantization=None first")
+    vision_kwargs, vision_sd = _vision_for_hf(model)
+    if abs(vision_kwargs.get("layer_norm_eps", 1e-6) - cfg.ln_vision_eps) > 0:
+        warnings.warn(
+            f"transformers uses the vision layer_norm_eps ({vision_kwargs.get('layer_norm_eps')}) for post_layernorm "
+            f"(our ln_vision has eps {cfg.ln_vision_eps}): exported outputs differ by about that much in relative terms",
+            stacklevel=3,
+        )
+    lm = base_llm(model.llm)
+    tok = model.llm_tokenizer
+    from copy import deepcopy
+
+    tok = deepcopy(tok)
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    rows = lm.get_input_embeddings().weight.shape[0]
+    if image_token >= rows:
+        raise CheckpointError(
+            f"the image placeholder token would get id {image_token}, outside the LLM's {rows}-row embedding matrix; "
+            "transformers' BLIP-2 needs it inside (resize the LLM's embeddings first)"
+        )
+    q = cfg.qformer
+    hf_config = HFBlip2Config(
+        vision_config=vision_kwargs,
+        qformer_config=dict(
+            vocab_size=q.vocab_size, hidden_size=q.hidden_size, num_hidden_layers=q.num_layers,
+            num_attention_heads=q.num_heads, intermediate_size=q.intermediate_size, hidden_act=q.hidden_act,
+            hidden_dropout_prob=q.hidden_dropout, attention_probs_dropout_prob=q.attention_dropout,
+            max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
+            pad_token_id=q.pad_token_id, cross_attention_frequency=q.cross_attention_freq,
+            encoder_hidden_size=q.encoder_width, use_qformer_text_input=False,
+        ),
+        text_config=lm.config.to_dict(),
+        num_query_tokens=q.num_query_tokens,
+        image_token_index=image_token,
+    )
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith(("llm.", VISION_PREFIX))}
+    ours = {k: v for k, v in ours.items()
+            if not (k.startswith(("vision_proj.", "text_proj.", "itm_head.", "qformer.lm_head.")) or k == "temp"
+                    or k.startswith(("qformer.embeddings.word_embeddings.", "qformer.embeddings.position_embeddings."))
+                    or ".ffn." in k)}
+    sd = ours_to_hf_retrieval(ours, vision_prefix=VISION_PREFIX)
+    sd.update({"vision_model." + k: v for k, v in vision_sd.items()})
+    sd.update({"language_model." + k: v for k, v in _merged_llm_state_dict(model).items()})
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        hf = Blip2ForConditionalGeneration(hf_config)
+    own = hf.state_dict()
+    unexpected = sorted(set(sd) - set(own))
+    if unexpected:
+        raise CheckpointError(f"export produced keys transformers does not have: {unexpected[:8]}")
+    hf.load_state_dict({k: v.float() if k.startswith(("qformer.", "query_tokens")) else v for k, v in sd.items()},
+                       strict=False, assign=True)
+    hf.tie_weights()
+    missing = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
+    if missing:
+        raise CheckpointError(f"export is missing weights transformers needs: {missing[:8]}")
+    vcfg = cfg.vision
+    image_processor = BlipImageProcessor(
+        size={"height": vcfg.image_size, "width": vcfg.image_size},
+        image_mean=list(vcfg.mean), image_std=list(vcfg.std), resample=3,  # PIL bicubic
+    )
+    with _atomic_dir(directory) as tmp:
+        hf.save_pretrained(str(tmp))
+        Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=q.num_query_tokens).save_pretrained(
+            str(tmp)
+        )
+
+
+__all__ = ["IMAGE_TOKEN", "export_transformers"]

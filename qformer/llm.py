@@ -1,0 +1,147 @@
+"""The frozen LLM of stage 2: loading (bf16/fp16/fp32, 8-bit or 4-bit through bitsandbytes,
+optional LoRA through peft) and the few operations BLIP-2 needs from it.
+
+Any transformers causal LM (OPT, GPT-2, LLaMA, Qwen, ...) or seq2seq LM (T5 / FlanT5, BART,
+...) works: the soft prompts are passed as ``inputs_embeds``. For causal LMs the vocabulary
+logits are computed only at positions that have a label (never over the query slots or the
+prompt), through the model's own base model and output head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError, LLMConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def _quantization_config(cfg: LLMConfig):
+    if cfg.quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4" if cfg.quantization == "4bit" else "fp4",
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def _auto_class(hf_config) -> type:
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(hf_config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def hf_config_of(cfg: LLMConfig):
+    """The transformers config of the LLM (from ``hf_config`` or the checkpoint's config)."""
+    from transformers import AutoConfig
+
+    if cfg.hf_config is not None:
+        data = dict(cfg.hf_config)
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("llm.hf_config needs a 'model_type' (e.g. 'opt', 't5', 'llama')")
+        return AutoConfig.for_model(model_type, **data)
+    return AutoConfig.from_pretrained(cfg.path, trust_remote_code=False)
+
+
+def load_llm(cfg: LLMConfig, *, path: str | None = None) -> nn.Module:
+    """Build or load the frozen LLM. ``path`` overrides ``cfg.path`` (a saved copy)."""
+    source = path or cfg.path
+    dtype = torch_dtype(cfg.dtype)
+    quant = _quantization_config(cfg)
+    if source is not None:
+        hf_config = hf_config_of(LLMConfig(path=source))
+        kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=False)
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+        model = _auto_class(hf_config).from_pretrained(source, **kwargs)
+    else:
+        hf_config = hf_config_of(cfg)
+        if quant is not None:
+            raise ConfigError("llm.quantization needs weights to quantise: set llm.path, not llm.hf_config")
+        model = _auto_class(hf_config).from_config(hf_config, dtype=dtype)
+    model.requires_grad_(False)
+    model.eval()
+    if cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if quant is not None:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            model.requires_grad_(False)
+        lora = dict(cfg.lora)
+        lora.setdefault("task_type", "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM")
+        model = get_peft_model(model, LoraConfig(**lora))
+    return model
+
+
+def base_llm(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(base_llm(model).config, "is_encoder_decoder", False))
+
+
+def input_embeddings(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return base_llm(model).get_input_embeddings()(input_ids)
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = base_llm(model).config
+    for name in ("hidden_size", "d_model", "n_embd"):
+        if getattr(cfg, name, None):
+            return int(getattr(cfg, name))
+    return base_llm(model).get_input_embeddings().embedding_dim
+
+
+def causal_logits_at(
+    model: nn.Module,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Vocabulary logits (N, V) of a causal LM at ``positions`` (B, L) bool only.
+
+    Runs the base model once over the whole sequence, then the output head only on the N
+    selected hidden states: the (B, L, V) logits over soft prompts, prompts and padding are
+    never materialised. Final-logit soft-capping and logit scaling (Gemma-2, Cohere) are
+    applied as the models' own heads do.
+    """
+    lm = base_llm(model)
+    hidden = lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+    logits = lm.get_output_embeddings()(hidden[positions])  # (N, V)
+    cfg = lm.config
+    scale = getattr(cfg, "logit_scale", None)
+    if isinstance(scale, (int, float)):
+        logits = logits * scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+__all__ = [
+    "base_llm",
+    "causal_logits_at",
+    "hf_config_of",
+    "hidden_size",
+    "input_embeddings",
+    "is_encoder_decoder",
+    "load_llm",
+    "torch_dtype",
+]

@@ -1,0 +1,229 @@
+"""Stage 2: the Q-Former's query outputs, projected, as soft visual prompts of a frozen LLM.
+
+* :class:`Stage2TextCollator` tokenises captions for the LLM (in the data pipeline, never in
+  ``forward``): BLIP-2's label rules for causal LMs, prompt -> caption or the prefix-LM
+  split for seq2seq LMs.
+* :class:`Stage2Objective` is one training step (wrap it in DDP / accelerate).
+* :func:`generation_inputs` builds the ``inputs_embeds`` that ``generate`` starts from,
+  padded on the side each LLM family needs (left for decoder-only, right for encoders).
+
+Decoder-only layout (OPT; any causal LM)::
+
+    inputs_embeds = [proj(query_output) (Q) ; embed(BOS prompt caption "\\n" pad...)]
+    labels        = [-100 x Q            ; -100 on BOS+prompt and pad, caption tokens]
+
+Encoder-decoder layout (T5)::
+
+    encoder: [proj(query_output) ; embed(prefix or prompt </s>)]     decoder target: suffix/caption </s>
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LLMConfig
+from .llm import causal_logits_at, input_embeddings, is_encoder_decoder
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedTokenizerBase
+
+    from .model import Blip2
+
+# BLIP-2's zero-shot VQA prompts.
+VQA_PROMPT_CAUSAL = "Question: {} Answer:"
+VQA_PROMPT_SEQ2SEQ = "Question: {} Short answer:"
+
+
+def end_of_text_id(tokenizer: "PreTrainedTokenizerBase", cfg: LLMConfig) -> int:
+    """The token that ends a caption: OPT's "\\n" in BLIP-2, else the tokenizer's eos."""
+    if cfg.end_of_text is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the LLM tokenizer has no eos token; set llm.end_of_text")
+        return tokenizer.eos_token_id
+    ids = tokenizer(cfg.end_of_text, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"llm.end_of_text={cfg.end_of_text!r} must be exactly one token, got {ids}")
+    return ids[0]
+
+
+def split_prefix_lm(caption: str, generator: torch.Generator | None = None) -> tuple[str, str]:
+    """BLIP-2's prefix-LM split: a random word boundary k in [0, n-1] sends words[:k] to the
+    encoder and words[k:] (never empty) to the decoder. One-word captions give ("", word)."""
+    words = caption.split()
+    if not words:
+        return "", ""
+    k = int(torch.randint(0, len(words), (1,), generator=generator))
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
+def _join(prompt: str, text: str) -> str:
+    if not prompt:
+        return text
+    return prompt + text if prompt.endswith((" ", "\n")) else prompt + " " + text
+
+
+class Stage2TextCollator:
+    """Captions -> LLM tensors for :class:`Stage2Objective`.
+
+    Causal LMs: ``input_ids``, ``attention_mask`` (right padded, BOS from the tokenizer) and
+    ``labels`` (-100 on the prompt incl. BOS, and on padding). Seq2seq LMs:
+    ``input_ids`` / ``attention_mask`` for the encoder, ``labels`` (-100 on padding) and
+    ``decoder_attention_mask`` for the decoder.
+    """
+
+    def __init__(
+        self,
+        tokenizer: "PreTrainedTokenizerBase",
+        config: LLMConfig,
+        *,
+        encoder_decoder: bool,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.encoder_decoder = encoder_decoder
+        self.generator = generator
+        if config.text_mode == "prefix_lm" and not encoder_decoder:
+            raise ValueError("llm.text_mode='prefix_lm' needs an encoder-decoder LLM (T5); causal LMs use 'prompt'")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the LLM tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+        if not encoder_decoder:
+            self.eot = config.end_of_text if config.end_of_text is not None else tokenizer.eos_token
+            # the prompt's length in tokens, BOS included (as LAVIS counts it)
+            self.prompt_length = len(tokenizer(config.prompt).input_ids) if config.prompt else 0
+
+    def _tok(self, texts: list[str]):
+        return self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.config.max_txt_len, return_tensors="pt"
+        )
+
+    def __call__(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        captions = list(captions)
+        if not self.encoder_decoder:
+            old = self.tokenizer.padding_side
+            self.tokenizer.padding_side = "right"
+            try:
+                tok = self._tok([_join(self.config.prompt, c) + self.eot for c in captions])
+            finally:
+                self.tokenizer.padding_side = old
+            labels = tok.input_ids.masked_fill(tok.attention_mask == 0, -100)
+            if self.prompt_length:
+                labels[:, : self.prompt_length] = -100
+            return dict(input_ids=tok.input_ids, attention_mask=tok.attention_mask, labels=labels)
+        if self.config.text_mode == "prefix_lm":
+            pairs = [split_prefix_lm(c, self.generator) for c in captions]
+        else:
+            pairs = [(self.config.prompt, c) for c in captions]
+        enc = self._tok([p for p, _ in pairs])
+        dec = self._tok([t for _, t in pairs])
+        labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
+        return dict(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            labels=labels,
+            decoder_attention_mask=dec.attention_mask,
+        )
+
+
+@dataclass
+class Stage2Output:
+    loss: torch.Tensor
+    logits: torch.Tensor  # causal: (N, V) at labelled positions only; seq2seq: (B, T, V)
+    targets: torch.Tensor  # causal: (N,) the labels those logits predict; seq2seq: labels (B, T)
+
+    def metrics(self) -> dict[str, float]:
+        return {"loss": self.loss.item()}
+
+
+def soft_prompts(model: "Blip2", image_embeds: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) image embeddings -> (B, Q, H_llm) soft prompts in the LLM's dtype."""
+    query_output = model.encode_image(image_embeds).query_output  # (B, Q, D)
+    prompts = model.language_projection(query_output)
+    from .llm import base_llm
+
+    return prompts.to(base_llm(model.llm).get_input_embeddings().weight.dtype)
+
+
+class Stage2Objective(nn.Module):
+    """``forward(batch) -> Stage2Output``: next-token CE of the frozen LLM on the captions,
+    conditioned on the projected query outputs. Batches come from :class:`Stage2TextCollator`
+    plus ``pixel_values`` (or ``vision_features`` / ``image_embeds``)."""
+
+    def __init__(self, model: "Blip2") -> None:
+        super().__init__()
+        if model.config.llm is None:
+            raise ValueError("Stage2Objective needs a model with an LLM (config.llm)")
+        self.model = model
+
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        decoder_attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,  # accepted (and unused) so stage-1 batches fit
+    ) -> Stage2Output:
+        model = self.model
+        if image_embeds is None:
+            image_embeds = model.embed_image(pixel_values, vision_features=vision_features)
+        prompts = soft_prompts(model, image_embeds)  # (B, Q, H)
+        b, q = prompts.shape[:2]
+        text = input_embeddings(model.llm, input_ids)  # (B, L, H)
+        embeds = torch.cat([prompts.to(text.dtype), text], dim=1)
+        mask = torch.cat([attention_mask.new_ones(b, q), attention_mask], dim=1)
+        if is_encoder_decoder(model.llm):
+            out = model.llm(
+                inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_attention_mask
+            )
+            return Stage2Output(loss=out.loss, logits=out.logits, targets=labels)
+        full = torch.cat([labels.new_full((b, q), -100), labels], dim=1)  # (B, Q+L)
+        nxt = full[:, 1:]
+        positions = F.pad(nxt != -100, (0, 1), value=False)  # position t predicts full[t+1]
+        logits = causal_logits_at(model.llm, embeds, mask, positions)  # (N, V)
+        targets = nxt[nxt != -100]
+        return Stage2Output(loss=F.cross_entropy(logits.float(), targets), logits=logits, targets=targets)
+
+
+def generation_inputs(
+    model: "Blip2", image_embeds: torch.Tensor, prompts: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """``inputs_embeds`` / ``attention_mask`` for ``llm.generate``: soft prompts then each
+    text prompt. Decoder-only LLMs are LEFT padded (so every row ends in real tokens);
+    encoder inputs are right padded."""
+    tok = model.llm_tokenizer
+    soft = soft_prompts(model, image_embeds)  # (B, Q, H)
+    b, q, h = soft.shape
+    ids = [tok(p).input_ids for p in prompts]  # BOS / </s> as the tokenizer adds them
+    longest = max(len(x) for x in ids)
+    embeds = soft.new_zeros(b, q + longest, h)
+    mask = torch.zeros(b, q + longest, dtype=torch.long, device=soft.device)
+    left = not is_encoder_decoder(model.llm)
+    for i, row in enumerate(ids):
+        n = q + len(row)
+        start = q + longest - n if left else 0
+        text = input_embeddings(model.llm, torch.tensor([row], device=soft.device))[0] if row else soft.new_zeros(0, h)
+        embeds[i, start : start + n] = torch.cat([soft[i], text.to(soft.dtype)])
+        mask[i, start : start + n] = 1
+    return dict(inputs_embeds=embeds, attention_mask=mask)
+
+
+__all__ = [
+    "Stage2Objective",
+    "Stage2Output",
+    "Stage2TextCollator",
+    "VQA_PROMPT_CAUSAL",
+    "VQA_PROMPT_SEQ2SEQ",
+    "end_of_text_id",
+    "generation_inputs",
+    "soft_prompts",
+    "split_prefix_lm",
+]

@@ -1,0 +1,345 @@
+"""Stage 2: soft prompts into a frozen OPT / T5; parity with transformers'
+Blip2ForConditionalGeneration and LAVIS's Blip2OPT; export round trips; 8-bit, 4-bit and LoRA."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ORACLE_FIXTURE, load_pt, randomize_, require_shared, write_causal_tokenizer, write_seq2seq_tokenizer
+
+from qformer import Blip2, Blip2Config, QFormerConfig
+from qformer.config import LLMConfig
+from qformer.stage2 import Stage2Objective, Stage2TextCollator, split_prefix_lm
+
+IMG, Q = 32, 8
+CAPTIONS = ["a red cat on a sofa", "two dogs playing in the snow", "a man riding a bus in the city"]
+
+
+def _text_config(kind: str, tok, vocab: int):
+    from transformers import OPTConfig, T5Config
+
+    if kind == "opt":
+        return OPTConfig(vocab_size=vocab, hidden_size=48, num_hidden_layers=2, ffn_dim=96, num_attention_heads=4,
+                         max_position_embeddings=96, word_embed_proj_dim=48, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, dropout=0.0)
+    return T5Config(vocab_size=vocab, d_model=48, d_ff=96, d_kv=12, num_layers=2, num_decoder_layers=2, num_heads=4,
+                    pad_token_id=0, eos_token_id=1, bos_token_id=0, decoder_start_token_id=0, dropout_rate=0.0,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
+
+def make_hf_generation(directory: Path, kind: str, seed: int = 0):
+    """A tiny random transformers Blip2ForConditionalGeneration saved to ``directory``."""
+    from transformers import Blip2Config as HFBlip2Config
+    from transformers import Blip2ForConditionalGeneration
+
+    tok = (write_causal_tokenizer if kind == "opt" else write_seq2seq_tokenizer)(directory / "tok")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    cfg = HFBlip2Config(
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=IMG, patch_size=8, qkv_bias=True),
+        qformer_config=dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=128, max_position_embeddings=48, encoder_hidden_size=48,
+                            use_qformer_text_input=False, cross_attention_frequency=2),
+        text_config=_text_config(kind, tok, len(tok) + 8).to_dict(),
+        num_query_tokens=Q,
+        image_token_index=image_id,
+    )
+    torch.manual_seed(seed)
+    hf = Blip2ForConditionalGeneration(cfg).eval()
+    randomize_(hf, seed)
+    hf.save_pretrained(str(directory))
+    tok.save_pretrained(str(directory))
+    return hf, tok, image_id
+
+
+def pixels(n=3, seed=0):
+    return torch.randn(n, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def hf_pair(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    hf, tok, image_id = make_hf_generation(d, request.param)
+    ours, report = Blip2.from_pretrained(d, llm_dtype="float32", return_report=True)
+    assert report.ok, str(report)
+    return request.param, hf, ours.eval(), tok, image_id, d
+
+
+def _hf_inputs(kind, batch, image_id):
+    b = batch["input_ids"].shape[0]
+    ids = torch.cat([torch.full((b, Q), image_id), batch["input_ids"]], 1)
+    am = torch.cat([torch.ones(b, Q, dtype=torch.long), batch["attention_mask"]], 1)
+    if kind == "opt":
+        return dict(input_ids=ids, attention_mask=am, labels=torch.cat([torch.full((b, Q), -100), batch["labels"]], 1))
+    return dict(input_ids=ids, attention_mask=am, labels=batch["labels"],
+                decoder_attention_mask=batch["decoder_attention_mask"])
+
+
+def test_loss_and_logits_match_transformers(hf_pair):
+    kind, hf, ours, tok, image_id, _ = hf_pair
+    collate = Stage2TextCollator(ours.llm_tokenizer, ours.config.llm, encoder_decoder=kind == "t5")
+    batch = collate(CAPTIONS)
+    px = pixels()
+    with torch.no_grad():
+        out = Stage2Objective(ours)(pixel_values=px, **batch)
+        ref = hf(pixel_values=px, **_hf_inputs(kind, batch, image_id))
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-5, (out.loss, ref.loss)
+    if kind == "opt":
+        labels = _hf_inputs(kind, batch, image_id)["labels"]
+        ref_logits = ref.logits[:, :-1][labels[:, 1:] != -100]
+        assert out.logits.shape == ref_logits.shape and out.logits.shape[0] == (batch["labels"] != -100).sum()
+        assert (out.logits - ref_logits).abs().max() < 1e-4
+    else:
+        assert (out.logits - ref.logits).abs().max() < 1e-4
+    assert 1.0 < out.loss.item() < 20
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generation_matches_transformers(hf_pair, num_beams):
+    kind, hf, ours, tok, image_id, _ = hf_pair
+    px = pixels(seed=1)
+    prompt = "a photo of"
+    eos = tok("\n", add_special_tokens=False).input_ids[0] if kind == "opt" else tok.eos_token_id
+    ids = tok([prompt] * 3, return_tensors="pt").input_ids
+    ids = torch.cat([torch.full((3, Q), image_id), ids], 1)
+    with torch.no_grad():
+        ref = hf.generate(pixel_values=px, input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=num_beams,
+                          max_new_tokens=7, min_new_tokens=0, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                          do_sample=False)
+    if kind == "opt":
+        ref = ref[:, ids.shape[1]:]
+    ref_text = [t.strip() for t in tok.batch_decode(ref, skip_special_tokens=True)]
+    got = ours.generate(px, prompt, num_beams=num_beams, max_new_tokens=7, min_new_tokens=0)
+    assert got == ref_text
+    assert any(len(t) > 0 for t in got)
+
+
+def test_batched_generation_with_different_prompt_lengths_equals_one_by_one(hf_pair):
+    """Decoder-only LLMs are left padded for generation; results must not depend on batching."""
+    kind, _, ours, *_ = hf_pair
+    px = pixels(seed=2)
+    prompts = ["a", "Question: what is the man riding? Answer:", "a photo of two"]
+    batched = ours.generate(px, prompts, num_beams=2, max_new_tokens=5)
+    single = [ours.generate(px[i : i + 1], prompts[i], num_beams=2, max_new_tokens=5)[0] for i in range(3)]
+    assert batched == single
+
+
+def test_generation_options(hf_pair):
+    kind, _, ours, *_ = hf_pair
+    px = pixels(2, seed=3)
+    many = ours.generate(px, "a", num_beams=3, num_captions=3, max_new_tokens=4)
+    assert len(many) == 6
+    torch.manual_seed(0)
+    s1 = ours.generate(px, "a", do_sample=True, top_p=0.9, num_captions=2, max_new_tokens=6)
+    torch.manual_seed(0)
+    s2 = ours.generate(px, "a", do_sample=True, top_p=0.9, num_captions=2, max_new_tokens=6)
+    assert s1 == s2 and len(s1) == 4
+    long = ours.generate(px, "a", num_beams=1, max_new_tokens=6, min_new_tokens=6, repetition_penalty=1.5)
+    assert all(len(t) > 0 for t in long)
+    assert len(ours.caption(px, num_beams=1, max_new_tokens=3)) == 2
+    answers = ours.answer(px, ["what is it?", "what colour?"])
+    assert len(answers) == 2
+
+
+def test_export_round_trip(hf_pair, tmp_path):
+    """ours -> transformers format -> transformers and ours again: identical outputs."""
+    from transformers import Blip2ForConditionalGeneration
+
+    kind, hf, ours, tok, image_id, _ = hf_pair
+    ours.export_transformers(tmp_path / "export")
+    back_hf = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path / "export")).eval()
+    back = Blip2.from_pretrained(tmp_path / "export", llm_dtype="float32").eval()
+    collate = Stage2TextCollator(ours.llm_tokenizer, ours.config.llm, encoder_decoder=kind == "t5")
+    batch = collate(CAPTIONS)
+    px = pixels(seed=4)
+    with torch.no_grad():
+        a = Stage2Objective(ours)(pixel_values=px, **batch).loss
+        b = Stage2Objective(back)(pixel_values=px, **batch).loss
+        c = back_hf(pixel_values=px, **_hf_inputs(kind, batch, image_id)).loss
+    assert abs(a - b) < 1e-6 and abs(a - c) < 1e-5
+    assert ours.generate(px, "a", num_beams=2, max_new_tokens=5) == back.generate(px, "a", num_beams=2, max_new_tokens=5)
+
+
+def test_our_format_round_trip_with_llm(hf_pair, tmp_path):
+    kind, _, ours, *_ = hf_pair
+    ours.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "llm" / "config.json").is_file()
+    back = Blip2.from_pretrained(tmp_path / "m", llm_dtype="float32").eval()
+    px = pixels(seed=5)
+    assert back.generate(px, "a", max_new_tokens=5) == ours.generate(px, "a", max_new_tokens=5)
+    # training checkpoints leave the frozen parts out and find them again through the config
+    with pytest.raises(Exception, match="vision.pretrained"):
+        ours.save_pretrained(tmp_path / "ckpt", include_frozen=False)
+
+
+# ---------------------------------------------------------------------------- LAVIS Blip2OPT
+def _lavis_opt_config(fixture: Path) -> Blip2Config:
+    from lavis_parity import oracle_config
+
+    base = oracle_config(fixture)
+    cfg = json.loads((fixture / "config.json").read_text())["cfg"]
+    qf = QFormerConfig(**{**base.qformer.to_dict(), "text_input": False,
+                          "cross_attention_freq": cfg["opt_qformer_cross_attention_freq"]})
+    return Blip2Config(
+        vision=base.vision, qformer=qf, stage1_heads=False, ln_vision_eps=1e-5,
+        llm=LLMConfig(path=str(fixture / "opt_hf"), dtype="float32", prompt=cfg["opt_prompt"],
+                      max_txt_len=cfg["opt_max_txt_len"], end_of_text="\n"),
+    )
+
+
+def test_stage2_matches_lavis_blip2opt():
+    fixture = require_shared(ORACLE_FIXTURE)
+    ref = load_pt(fixture / "blip2_opt_outputs.pt")
+    inputs = load_pt(fixture / "inputs.pt")
+    model, report = Blip2.from_pretrained(fixture / "blip2_opt_state_dict.pt", config=_lavis_opt_config(fixture),
+                                          llm_tokenizer=fixture / "opt_tokenizer", return_report=True)
+    assert report.ok, str(report)
+    model.eval()
+    collate = Stage2TextCollator(model.llm_tokenizer, model.config.llm, encoder_decoder=False)
+    batch = collate(inputs["captions"])  # the collator adds the prompt, as LAVIS's processor does
+    assert torch.equal(batch["input_ids"], ref["opt_input_ids"])
+    image = inputs["image"]
+    with torch.no_grad():
+        out = Stage2Objective(model)(pixel_values=image, **batch)
+        embeds = model.embed_image(image)
+        q = model.encode_image(embeds).query_output
+    diffs = {
+        "loss": abs(out.loss.item() - ref["loss"].item()),
+        "image_embeds": (embeds - ref["image_embeds"]).abs().max().item(),
+        "query_output": (q - ref["query_output_last_hidden_state"]).abs().max().item(),
+        "inputs_opt": (model.language_projection(q) - ref["inputs_opt"]).abs().max().item(),
+    }
+    labels = ref["opt_labels"]
+    diffs["opt_logits"] = (out.logits - ref["opt_logits"][:, :-1][labels[:, 1:] != -100]).abs().max().item()
+    assert max(diffs.values()) < 2e-5, diffs
+    # generation: LAVIS's beam 3 / greedy, 8 new tokens, "\n" as eos (min_length=1 counted the prompt)
+    gen = ref["generate_kwargs"]
+    for key, beams in (("beam", gen["num_beams"]), ("greedy", 1)):
+        got = model.generate(image, inputs["prompt"], num_beams=beams, max_new_tokens=gen["max_length"], min_new_tokens=0)
+        assert got == ref[f"generate_{key}_text"], key
+
+
+# ---------------------------------------------------------------------------- quantised / LoRA
+def _tiny_opt_dir(tmp: Path, seed=0) -> Path:
+    from transformers import OPTForCausalLM
+
+    tok = write_causal_tokenizer(tmp / "opt")
+    torch.manual_seed(seed)
+    m = OPTForCausalLM(_text_config("opt", tok, len(tok) + 8))
+    randomize_(m, seed)
+    m.save_pretrained(str(tmp / "opt"))
+    return tmp / "opt"
+
+
+def _stage2_model(llm_dir: Path, **llm) -> Blip2:
+    cfg = Blip2Config(
+        vision=copy.deepcopy(_vision()),
+        qformer=QFormerConfig(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                              max_position_embeddings=48, encoder_width=48, num_query_tokens=Q, text_input=False),
+        stage1_heads=False,
+        llm=LLMConfig(path=str(llm_dir), **llm),
+    )
+    torch.manual_seed(0)
+    return Blip2(cfg)
+
+
+def _vision():
+    from qformer import VisionConfig
+
+    return VisionConfig(name="eva_giant_patch14_clip_224", image_size=IMG, feature_layer=-1,
+                        model_kwargs=dict(embed_dim=48, depth=2, num_heads=4, patch_size=8, mlp_ratio=2.0))
+
+
+def _train_step(model: Blip2):
+    model.set_stage(2)
+    model.train()
+    batch = Stage2TextCollator(model.llm_tokenizer, model.config.llm, encoder_decoder=False)(CAPTIONS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    out = Stage2Objective(model)(pixel_values=pixels(), **batch)
+    out.loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p.detach())}
+    return out, changed, before
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_llm_loads_and_trains_a_step(tmp_path, quantization):
+    pytest.importorskip("bitsandbytes")
+    model = _stage2_model(_tiny_opt_dir(tmp_path), quantization=quantization, dtype="float32")
+    import bitsandbytes as bnb
+
+    kinds = {type(m) for m in model.llm.modules()}
+    assert kinds & {bnb.nn.Linear8bitLt, bnb.nn.Linear4bit}
+    out, changed, before = _train_step(model)
+    assert torch.isfinite(out.loss)
+    assert not any(n.startswith("llm.") for n in before)  # nothing in the frozen LLM trains
+    assert "language_projection.weight" in changed and "query_tokens" in changed
+
+
+def test_lora_trains_only_its_own_parameters(tmp_path):
+    model = _stage2_model(_tiny_opt_dir(tmp_path), dtype="float32",
+                          lora=dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    out, changed, before = _train_step(model)
+    llm_trainable = {n for n in before if n.startswith("llm.")}
+    assert llm_trainable and all("lora_" in n for n in llm_trainable)
+    assert {n for n in changed if n.startswith("llm.")} == {n for n in llm_trainable if "lora_B" in n} | {
+        n for n in llm_trainable if "lora_A" in n}
+    # a LoRA model saves and reloads with its adapters
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    back = Blip2.from_pretrained(tmp_path / "m").eval()
+    px = pixels(seed=6)
+    assert back.generate(px, "a", max_new_tokens=4) == model.generate(px, "a", max_new_tokens=4)
+
+
+def test_every_stage2_trainable_parameter_gets_a_gradient(tmp_path):
+    model = _stage2_model(_tiny_opt_dir(tmp_path), dtype="float32")
+    model.set_stage(2)
+    model.train()
+    batch = Stage2TextCollator(model.llm_tokenizer, model.config.llm, encoder_decoder=False)(CAPTIONS)
+    Stage2Objective(model)(pixel_values=pixels(), **batch).loss.backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(model.get_parameter(n).grad is not None for n in trainable)
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    assert not model.llm.training and not model.vision.model.training
+
+
+# ---------------------------------------------------------------------------- text handling
+def test_prefix_lm_split_edge_cases(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    assert split_prefix_lm("cat", g) == ("", "cat")
+    assert split_prefix_lm("   ", g) == ("", "")
+    seen = set()
+    for _ in range(200):
+        prefix, suffix = split_prefix_lm("a b c d", g)
+        assert suffix and (prefix + " " + suffix).strip() == "a b c d"
+        seen.add(prefix)
+    assert seen == {"", "a", "a b", "a b c"}
+    tok = write_seq2seq_tokenizer(tmp_path / "t5")
+    cfg = LLMConfig(hf_config={"model_type": "t5"}, text_mode="prefix_lm", max_txt_len=6)
+    collate = Stage2TextCollator(tok, cfg, encoder_decoder=True, generator=torch.Generator().manual_seed(1))
+    long = " ".join(["cat"] * 40)
+    batch = collate(["dog", long])
+    assert batch["input_ids"].shape[1] <= 6 and batch["labels"].shape[1] <= 6  # truncated, both sides
+    assert batch["input_ids"][0].tolist()[0] == tok.eos_token_id  # one word: empty prefix
+    assert tok.decode(batch["labels"][0][batch["labels"][0] != -100], skip_special_tokens=True).strip() == "dog"
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        Stage2TextCollator(tok, cfg, encoder_decoder=False)
+
+
+def test_causal_labels_mask_prompt_and_padding(tmp_path):
+    tok = write_causal_tokenizer(tmp_path / "opt")
+    cfg = LLMConfig(hf_config={"model_type": "opt"}, prompt="a photo of", max_txt_len=12)
+    batch = Stage2TextCollator(tok, cfg, encoder_decoder=False)(["a cat", "two dogs in the snow"])
+    ids, labels = batch["input_ids"], batch["labels"]
+    prompt_len = len(tok("a photo of").input_ids)
+    assert (labels[:, :prompt_len] == -100).all()
+    assert tok.decode(labels[0][labels[0] != -100]) == " a cat\n"
+    assert (labels[batch["attention_mask"] == 0] == -100).all() and ids[0, 0] == tok.bos_token_id
