@@ -20,8 +20,19 @@ CAPTIONS = ["a red cat on a sofa", "two dogs playing in the snow", "a man riding
 
 
 def _text_config(kind: str, tok, vocab: int):
-    from transformers import OPTConfig, T5Config
+    from transformers import GPT2Config, LlamaConfig, OPTConfig, Qwen2Config, T5Config
 
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=48, n_layer=2, n_head=4, n_positions=96, resid_pdrop=0.0,
+                          embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+    if kind == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96, **ids)
+    if kind == "qwen2":
+        return Qwen2Config(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                           tie_word_embeddings=True, **ids)
     if kind == "opt":
         return OPTConfig(vocab_size=vocab, hidden_size=48, num_hidden_layers=2, ffn_dim=96, num_attention_heads=4,
                          max_position_embeddings=96, word_embed_proj_dim=48, pad_token_id=tok.pad_token_id,
@@ -36,7 +47,7 @@ def make_hf_generation(directory: Path, kind: str, seed: int = 0):
     from transformers import Blip2Config as HFBlip2Config
     from transformers import Blip2ForConditionalGeneration
 
-    tok = (write_causal_tokenizer if kind == "opt" else write_seq2seq_tokenizer)(directory / "tok")
+    tok = (write_seq2seq_tokenizer if kind == "t5" else write_causal_tokenizer)(directory / "tok")
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_id = tok.convert_tokens_to_ids("<image>")
     cfg = HFBlip2Config(
@@ -61,7 +72,7 @@ def pixels(n=3, seed=0):
     return torch.randn(n, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", params=["opt", "t5"])
+@pytest.fixture(scope="module", params=["opt", "t5", "gpt2", "llama", "qwen2"])
 def hf_pair(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     hf, tok, image_id = make_hf_generation(d, request.param)
@@ -74,7 +85,7 @@ def _hf_inputs(kind, batch, image_id):
     b = batch["input_ids"].shape[0]
     ids = torch.cat([torch.full((b, Q), image_id), batch["input_ids"]], 1)
     am = torch.cat([torch.ones(b, Q, dtype=torch.long), batch["attention_mask"]], 1)
-    if kind == "opt":
+    if kind != "t5":
         return dict(input_ids=ids, attention_mask=am, labels=torch.cat([torch.full((b, Q), -100), batch["labels"]], 1))
     return dict(input_ids=ids, attention_mask=am, labels=batch["labels"],
                 decoder_attention_mask=batch["decoder_attention_mask"])
@@ -89,7 +100,7 @@ def test_loss_and_logits_match_transformers(hf_pair):
         out = Stage2Objective(ours)(pixel_values=px, **batch)
         ref = hf(pixel_values=px, **_hf_inputs(kind, batch, image_id))
     assert abs(out.loss.item() - ref.loss.item()) < 1e-5, (out.loss, ref.loss)
-    if kind == "opt":
+    if kind != "t5":
         labels = _hf_inputs(kind, batch, image_id)["labels"]
         ref_logits = ref.logits[:, :-1][labels[:, 1:] != -100]
         assert out.logits.shape == ref_logits.shape and out.logits.shape[0] == (batch["labels"] != -100).sum()
@@ -104,14 +115,14 @@ def test_generation_matches_transformers(hf_pair, num_beams):
     kind, hf, ours, tok, image_id, _ = hf_pair
     px = pixels(seed=1)
     prompt = "a photo of"
-    eos = tok("\n", add_special_tokens=False).input_ids[0] if kind == "opt" else tok.eos_token_id
+    eos = tok("\n", add_special_tokens=False).input_ids[0] if kind != "t5" else tok.eos_token_id
     ids = tok([prompt] * 3, return_tensors="pt").input_ids
     ids = torch.cat([torch.full((3, Q), image_id), ids], 1)
     with torch.no_grad():
         ref = hf.generate(pixel_values=px, input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=num_beams,
                           max_new_tokens=7, min_new_tokens=0, eos_token_id=eos, pad_token_id=tok.pad_token_id,
                           do_sample=False)
-    if kind == "opt":
+    if kind != "t5":
         ref = ref[:, ids.shape[1]:]
     ref_text = [t.strip() for t in tok.batch_decode(ref, skip_special_tokens=True)]
     got = ours.generate(px, prompt, num_beams=num_beams, max_new_tokens=7, min_new_tokens=0)
