@@ -567,7 +567,15 @@ def build_llm_from_state_dict(llm_config: LLMConfig, sd: dict[str, torch.Tensor]
     if bad:
         raise CheckpointError(f"{source}: LLM weight shapes do not match its config:\n  " + "\n  ".join(bad))
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
-    model.tie_weights()
+    # Tie only what the checkpoint leaves out: FlanT5 stores an lm_head that differs from its
+    # input embeddings even though transformers 5 configures T5 as tied (its own loader keeps
+    # such a head untied too).
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(tied, dict):
+        for target, source in tied.items():
+            if target not in sd and source in sd:
+                owner, _, leaf = target.rpartition(".")
+                setattr(model.get_submodule(owner) if owner else model, leaf, model.get_parameter(source))
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
         raise CheckpointError(f"{source}: LLM weights missing from the checkpoint: {_summarise(still_meta)}")

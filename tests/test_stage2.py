@@ -354,3 +354,31 @@ def test_causal_labels_mask_prompt_and_padding(tmp_path):
     assert (labels[:, :prompt_len] == -100).all()
     assert tok.decode(labels[0][labels[0] != -100]) == " a cat\n"
     assert (labels[batch["attention_mask"] == 0] == -100).all() and ids[0, 0] == tok.bos_token_id
+
+
+def test_flan_t5_untied_lm_head_survives_loading(tmp_path):
+    """FlanT5 checkpoints hold an lm_head that differs from the input embeddings (and no
+    output scaling). transformers 5 configures T5 as tied; both loaders must keep the head."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Blip2ForConditionalGeneration
+
+    d = tmp_path / "t5"
+    make_hf_generation(d, "t5", seed=3)
+    sd = load_file(str(d / "model.safetensors"))
+    head = torch.randn_like(sd["language_model.shared.weight"]) * 0.05
+    sd["language_model.lm_head.weight"] = head
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"]["tie_word_embeddings"] = False
+    (d / "config.json").write_text(json.dumps(cfg))
+    hf = Blip2ForConditionalGeneration.from_pretrained(str(d)).eval()
+    ours = Blip2.from_pretrained(d, llm_dtype="float32").eval()
+    assert torch.equal(ours.llm.lm_head.weight, head) and ours.llm.lm_head.weight is not ours.llm.shared.weight
+    assert torch.equal(hf.language_model.lm_head.weight, head)
+    batch = Stage2TextCollator(ours.llm_tokenizer, ours.config.llm, encoder_decoder=True)(CAPTIONS)
+    tok = ours.llm_tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    with torch.no_grad():
+        a = Stage2Objective(ours)(pixel_values=pixels(), **batch).loss
+        b = hf(pixel_values=pixels(), **_hf_inputs("t5", batch, image_id)).loss
+    assert abs(a.item() - b.item()) < 1e-5

@@ -1,0 +1,93 @@
+"""Image-caption data for the training recipes: sources, BLIP-2 transforms, bad-data accounting,
+tokenising collators and a frozen-ViT feature cache.
+
+    from qformer.data import open_caption_dataset, Stage1Collator, CaptionLoader
+
+    ds = open_caption_dataset("data/coco_train.jsonl", vision=cfg.vision, train=True)
+    loader = CaptionLoader(ds, Stage1Collator(tokenizer), batch_size=100, num_workers=8)
+    for batch in loader:                      # clean dicts: pixel_values, input_ids, attention_mask, image_ids
+        objective(**batch)
+    loader.write_report(output_dir)           # data_report.json: skipped / converted counts, merged over ranks
+
+Pipeline: a *source* (:mod:`.sources`) yields undecoded records; a *processor* (:mod:`.samples`)
+validates one record when it is loaded and returns a sample or a ``Skipped`` sentinel; a
+*dataset* (:mod:`.dataset`) is map-style or streaming; a *collator* (:mod:`.collate`) drops the
+sentinels, stacks, tokenises and attaches the batch's counts; the *loader* (:mod:`.loader`)
+merges those counts, skips empty batches and keeps ranks in step. :mod:`.cache` stores the frozen
+tower's features for runs without augmentation.
+"""
+
+from .cache import FeatureCache, FeatureCacheWriter, fill_feature_cache, tower_fingerprint, weights_fingerprint
+from .collate import CollatedSamples, Stage1Collator, Stage2Collator, collate_samples, is_empty_batch, stable_image_id
+from .dataset import CaptionDataset, IterableCaptionDataset, open_caption_dataset
+from .loader import CaptionLoader, ResumableSampler
+from .report import CONVERTED, DATA_STATS_KEY, SKIP_REASONS, DataReport, NoUsableDataError, merge_reports
+from .samples import Sample, SampleProcessor, Skipped, image_content_key, read_image
+from .sources import (
+    BadRecord,
+    CaptionRecord,
+    CaptionSource,
+    DatasetSpecError,
+    FileCaptionSource,
+    HFCaptionSource,
+    WebDatasetCaptionSource,
+    detect_spec_kind,
+    open_caption_source,
+)
+from .transforms import (
+    CaptionCleaner,
+    EvalTransform,
+    ImageTransform,
+    TrainTransform,
+    build_image_transform,
+    pre_caption,
+    sample_generator,
+    sample_seed,
+)
+
+__all__ = [
+    "CONVERTED",
+    "DATA_STATS_KEY",
+    "SKIP_REASONS",
+    "BadRecord",
+    "CaptionCleaner",
+    "CaptionDataset",
+    "CaptionLoader",
+    "CaptionRecord",
+    "CaptionSource",
+    "CollatedSamples",
+    "DataReport",
+    "DatasetSpecError",
+    "EvalTransform",
+    "FeatureCache",
+    "FeatureCacheWriter",
+    "FileCaptionSource",
+    "HFCaptionSource",
+    "ImageTransform",
+    "IterableCaptionDataset",
+    "NoUsableDataError",
+    "ResumableSampler",
+    "Sample",
+    "SampleProcessor",
+    "Skipped",
+    "Stage1Collator",
+    "Stage2Collator",
+    "TrainTransform",
+    "WebDatasetCaptionSource",
+    "build_image_transform",
+    "collate_samples",
+    "detect_spec_kind",
+    "fill_feature_cache",
+    "image_content_key",
+    "is_empty_batch",
+    "merge_reports",
+    "open_caption_dataset",
+    "open_caption_source",
+    "pre_caption",
+    "read_image",
+    "sample_generator",
+    "sample_seed",
+    "stable_image_id",
+    "tower_fingerprint",
+    "weights_fingerprint",
+]
