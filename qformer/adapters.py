@@ -159,26 +159,54 @@ def uses_toy(card: AdapterCard) -> bool:
     return bool(found)
 
 
-def resolve_toy(card: AdapterCard, *, progress: bool = True) -> AdapterCard:
-    """Replace ``toy://NAME`` values by paths into the toy backbones' cache, pretraining the
-    backbones first if they are not cached yet (a one-off of a few minutes on a CPU)."""
-    if not uses_toy(card):
-        return card
-    from .toy import ensure_toy_backbones
+def toy_resources(card: AdapterCard, *, progress: bool = True) -> dict[str, Any]:
+    """What ``toy://NAME`` values stand for: the cached toy backbones (pretrained once, a
+    few minutes on a CPU) and the toy world's splits exported as imagefolder datasets."""
+    import shutil
+    import tempfile
+
+    from .toy import ToyWorld, ensure_toy_backbones
+    from .tokenizer import load_qformer_tokenizer
 
     backbones = ensure_toy_backbones(progress=progress)
-    paths = backbones.paths()
+    world = ToyWorld()
+    sizes = dict((card.data or {}).get("toy_sizes", {"train": 20000, "val": 1000, "test": 1000}))
+    out: dict[str, Any] = {}
+    for split, n in sizes.items():
+        target = backbones.root / "data" / f"{split}-{n}"
+        if not (target / "metadata.jsonl").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            world.export(split, int(n), tmp, overwrite=True)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+        out[f"data/{split}"] = str(target)
+    vision = backbones.vision_config()
+    out.update({
+        "vision_config": vision,
+        "vision_width": int(vision["model_kwargs"]["embed_dim"]),
+        "bert_tokenizer": str(backbones.bert_tokenizer_dir),
+        "bert_vocab_size": len(load_qformer_tokenizer(backbones.bert_tokenizer_dir)),
+        "lm": str(backbones.lm_dir),
+    })
+    return out
+
+
+def resolve_toy(card: AdapterCard, *, progress: bool = True) -> AdapterCard:
+    """Replace every ``toy://NAME`` value by what it stands for (:func:`toy_resources`)."""
+    if not uses_toy(card):
+        return card
+    resources = toy_resources(card, progress=progress)
 
     def fn(value: Any) -> Any:
         if isinstance(value, str) and value.startswith(TOY_SCHEME):
             key = value[len(TOY_SCHEME):]
-            if key not in paths:
-                raise ConfigError(f"adapter {card.name!r}: unknown toy resource {value!r}; known: {sorted(paths)}")
-            return str(paths[key])
+            if key not in resources:
+                raise ConfigError(f"adapter {card.name!r}: unknown toy resource {value!r}; known: {sorted(resources)}")
+            return copy.deepcopy(resources[key])
         return value
 
-    resolved = AdapterCard(**_walk(card.to_dict(), fn), source=card.source)
-    return resolved
+    return AdapterCard(**_walk(card.to_dict(), fn), source=card.source)
 
 
 __all__ = [
@@ -188,5 +216,6 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "resolve_toy",
+    "toy_resources",
     "uses_toy",
 ]

@@ -627,6 +627,38 @@ def _extract_llm(path: Path, llm_config: LLMConfig, llm_sd: dict[str, torch.Tens
     return str(target)
 
 
+# ---------------------------------------------------------------------------- stage 1 -> 2
+_STAGE1_ONLY = ("vision_proj.", "text_proj.", "itm_head.", "temp", "qformer.lm_head.",
+                "qformer.embeddings.word_embeddings.", "qformer.embeddings.position_embeddings.")
+
+
+def init_from_stage1(model: "Blip2", directory: str | os.PathLike, *, strict: bool = True) -> LoadReport:
+    """Start a stage-2 model from a stage-1 model directory saved by qformer: the vision
+    side, ln_vision, the queries and the Q-Former are copied (shapes checked); the stage-1-only
+    parts the stage-2 model does not have (text embeddings and FFNs, LM head, ITC/ITM heads)
+    are listed as dropped; the language projection and the LLM start fresh / frozen."""
+    directory = Path(directory)
+    meta = _read_json(directory / CONFIG_NAME) if (directory / CONFIG_NAME).is_file() else {}
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{directory} is not a model saved by qformer (run stage 1 first, or pass --init-from)")
+    sd = read_state_dict(directory / WEIGHTS_NAME)
+    own = model.state_dict()
+    conv = Converted(state_dict={})
+    for key, value in sd.items():
+        if key in own:
+            conv.state_dict[key] = value
+        elif key.startswith(_STAGE1_ONLY) or ".ffn." in key:
+            conv.dropped[key] = "stage-1 only (text side / ITC-ITM heads), not used in stage 2"
+        else:
+            conv.unrecognised.append(key)
+    absent_ok = {"language_projection.": "new in stage 2"}
+    absent_ok.update({k: "frozen LLM" for k in _frozen_llm_keys(model)})
+    absent_ok.update({k: "LoRA adapter, new in stage 2" for k in own if k.startswith("llm.") and "lora_" in k})
+    if not any(k.startswith(VISION_PREFIX) for k in sd) and model.config.vision.pretrained:
+        absent_ok[VISION_PREFIX] = f"frozen vision tower, loaded from {model.config.vision.pretrained!r}"
+    return load_into(model, conv, source=str(directory), strict=strict, absent_ok=absent_ok)
+
+
 # ---------------------------------------------------------------------------- BERT init
 def init_qformer_from_bert(model: "Blip2", path: str | os.PathLike, *, strict: bool = True) -> LoadReport:
     """Initialise the Q-Former from a transformers BERT checkpoint directory (as BLIP-2 does
@@ -658,6 +690,7 @@ __all__ = [
     "LoadReport",
     "UnsafeCheckpointError",
     "blip2_config_from_hf",
+    "init_from_stage1",
     "init_qformer_from_bert",
     "load_into",
     "read_hf_weights",

@@ -321,9 +321,10 @@ class Blip2(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        images: ImageInput,
+        images: ImageInput | None = None,
         prompt: str | Sequence[str] | None = None,
         *,
+        vision_features: torch.Tensor | None = None,
         num_beams: int = 5,
         max_new_tokens: int = 30,
         min_new_tokens: int = 1,
@@ -340,13 +341,17 @@ class Blip2(nn.Module):
         conditioned on the soft prompts and the text ``prompt`` (one for all, or one per image;
         default ``config.llm.prompt``). Defaults are LAVIS's: beam 5, up to 30 new tokens.
         ``do_sample=True`` is nucleus sampling (``top_p``, ``temperature``), one beam.
+        ``vision_features`` (N, T, C): the frozen tower's output instead of ``images``.
         Other keyword arguments go to transformers' ``generate``."""
         self._require_llm()
-        from .stage2 import end_of_text_id, generation_inputs
         from .llm import is_encoder_decoder
+        from .stage2 import end_of_text_id, generation_inputs
 
-        pixels = self._pixels(images)
-        n = pixels.shape[0]
+        if vision_features is None:
+            pixels = self._pixels(images)
+            n = pixels.shape[0]
+        else:
+            n = vision_features.shape[0]
         prompts = [prompt] * n if prompt is None or isinstance(prompt, str) else list(prompt)
         prompts = [self.config.llm.prompt if p is None else p for p in prompts]
         if len(prompts) != n:
@@ -369,7 +374,10 @@ class Blip2(nn.Module):
         options.update(generate_kwargs)
         texts: list[str] = []
         for start in range(0, n, batch_size):
-            embeds = self.embed_image(pixels[start : start + batch_size])
+            if vision_features is None:
+                embeds = self.embed_image(pixels[start : start + batch_size])
+            else:
+                embeds = self.embed_image(vision_features=vision_features[start : start + batch_size].to(self.device))
             inputs = generation_inputs(self, embeds, prompts[start : start + batch_size])
             out = self.llm.generate(**inputs, **options)
             texts.extend(t.strip() for t in tok.batch_decode(out, skip_special_tokens=True))

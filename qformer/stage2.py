@@ -102,7 +102,9 @@ class Stage2TextCollator:
             texts, padding="longest", truncation=True, max_length=self.config.max_txt_len, return_tensors="pt"
         )
 
-    def __call__(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, captions: Sequence[str], *, seeds: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """``seeds``: one per caption, for the prefix-LM split (reproducible in any worker and
+        after a resume); without them the collator's own generator is used."""
         captions = list(captions)
         if not self.encoder_decoder:
             old = self.tokenizer.padding_side
@@ -116,7 +118,8 @@ class Stage2TextCollator:
                 labels[:, : self.prompt_length] = -100
             return dict(input_ids=tok.input_ids, attention_mask=tok.attention_mask, labels=labels)
         if self.config.text_mode == "prefix_lm":
-            pairs = [split_prefix_lm(c, self.generator) for c in captions]
+            gens = [torch.Generator().manual_seed(int(x)) for x in seeds] if seeds is not None else [self.generator] * len(captions)
+            pairs = [split_prefix_lm(c, g) for c, g in zip(captions, gens)]
         else:
             pairs = [(self.config.prompt, c) for c in captions]
         enc = self._tok([p for p, _ in pairs])

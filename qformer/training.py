@@ -124,8 +124,8 @@ def step_seed(seed: int, step: int, rank: int, micro_step: int = 0) -> int:
 class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches of this epoch already consumed (per rank)
     samples_seen: int = 0
+    loader: dict[str, Any] = field(default_factory=dict)  # CaptionLoader.state_dict(): where the data resumes
     best: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:

@@ -1,10 +1,87 @@
-"""BLIP-2 stage 1: not built yet (it lands with the recipes issue).
+"""BLIP-2 stage 1: train the Q-Former with ITC + ITM + ITG against a frozen vision tower.
 
-This placeholder exists so that the README's main-job command stops with a clear message
-instead of a missing-file error; the library itself (qformer/) is usable today.
+    accelerate launch recipes/stage1.py                 # the built-in toy world (no downloads)
+    accelerate launch recipes/stage1.py --adapter eva-vit-g_opt-2.7b --train-data DATA --eval-data DATA
+
+Multi-process (DDP / FSDP / DeepSpeed) is whatever `accelerate config` says; on a CPU machine
+`accelerate launch --multi_gpu --num_processes 2 recipes/stage1.py` runs two ranks on gloo.
+Writes to --output-dir (default runs/ADAPTER/stage1): checkpoints/, model/ (the trained model),
+metrics.jsonl, loss_curve.png, results.{json,md}, data_report.json and TensorBoard logs (tb/).
 """
 
-import sys
+from __future__ import annotations
 
-sys.exit("recipes/stage1.py is not built yet: the training recipes land with the recipes issue. "
-         "The library (from qformer import Blip2) is usable now; see README.md.")
+from qformer import Blip2, Stage1Objective
+from qformer.checkpoint import init_qformer_from_bert
+from qformer.cli import build_parser, card_from_args
+from qformer.data import Stage1Collator
+from qformer.eval.report import format_table, write_results
+from qformer.eval.retrieval import evaluate_retrieval
+from qformer.recipe import data_settings, feature_cache_for, fit, load_eval_set, open_training_data, start_run
+from qformer.tokenizer import load_qformer_tokenizer
+
+
+def main() -> None:
+    # ---------------------------------------------------------------- config
+    args = build_parser(1, __doc__).parse_args()
+    card = card_from_args(args, stage=1)
+    run = start_run(card, 1, output_dir=args.output_dir, progress=not args.no_progress)
+    card = run.card  # toy:// resources resolved
+    cfg = card.blip2_config(stage=1)  # stage 1 never touches the LLM
+    eval_cfg = dict(card.eval.get("stage1", {}))
+    run.print(f"stage 1 | adapter {card.name} | {run.world_size} process(es) on {run.accelerator.device} | "
+              f"mixed precision {run.train.mixed_precision} | output {run.output_dir}")
+
+    # ---------------------------------------------------------------- model
+    tokenizer = load_qformer_tokenizer(card.tokenizer)
+    model = Blip2(cfg, tokenizer=tokenizer)
+    if card.qformer_init:  # BLIP-2 starts the Q-Former from bert-base-uncased
+        run.print(init_qformer_from_bert(model, card.qformer_init))
+    model.set_stage(1)
+    model.qformer.set_gradient_checkpointing(run.train.gradient_checkpointing)
+    run.print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M; "
+              f"frozen vision tower: {model.vision.describe()}")
+
+    # ---------------------------------------------------------------- data
+    # Without random augmentation the frozen tower's output is the same every epoch, so it
+    # can be computed once and cached (keyed by image content and tower weights).
+    split = card.data.get("stage1") or {}
+    cache = feature_cache_for(run, model.vision, [split.get("train"), split.get("eval")]) \
+        if data_settings(card)["cache_features"] else None
+    loader = open_training_data(run, vision=cfg.vision, collate=Stage1Collator(tokenizer, max_length=cfg.max_txt_len),
+                                feature_cache=cache)
+    eval_set = load_eval_set(run, vision=cfg.vision, max_images=args.eval_size or eval_cfg.get("max_images", 1000),
+                             feature_cache=cache)
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(step: int) -> dict[str, float]:
+        """Held-out retrieval: ITC top-k, then ITM re-ranking of the k candidates."""
+        if eval_set is None:
+            return {}
+        result = evaluate_retrieval(
+            model, eval_set.batches(), eval_set.first_captions, txt2img=list(range(len(eval_set))),
+            k=eval_cfg.get("k", 16), rank=run.rank, world_size=run.world_size, progress=run.progress,
+        )
+        run.print(f"\nstep {step}: retrieval among {len(eval_set)} held-out images\n"
+                  + format_table({"retrieval": {k: v for k, v in result.items() if isinstance(v, float)}}))
+        return {k: v for k, v in result.items() if isinstance(v, float)}
+
+    # ---------------------------------------------------------------- train
+    objective = Stage1Objective(model)
+    state = fit(run, model=model, objective=objective, loader=loader,
+                step_fn=lambda obj, batch, generator: obj(**batch, generator=generator),
+                evaluate=evaluate if args.eval_size != 0 else None, resume=args.resume, stop_after=args.stop_after)
+
+    # ---------------------------------------------------------------- save and report
+    if state.step == run.train.max_steps:
+        if run.is_main:
+            # The frozen tower is written only if nothing else says where to load it from.
+            model.save_pretrained(run.output_dir / "model", include_frozen=not cfg.vision.pretrained)
+            write_results({"retrieval": run.last_eval()}, run.output_dir, name="results", title=f"{card.name}: stage 1",
+                          extra={"adapter": card.name, "steps": state.step, "samples": state.samples_seen})
+            run.print(f"\nstage 1 done in {run.elapsed()}: model saved to {run.output_dir / 'model'}")
+    run.accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

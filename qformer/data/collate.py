@@ -143,16 +143,20 @@ class Stage2Collator:
     :class:`qformer.stage2.Stage2TextCollator` (prompt handling, BLIP-2's label rules, the
     prefix-LM split), ``image_ids`` and the batch's counts under ``data_stats``."""
 
-    def __init__(self, text_collator: Any) -> None:
+    def __init__(self, text_collator: Any, *, seed: int = 0) -> None:
         self.text = text_collator
+        self.seed = int(seed)
 
     def __call__(self, items: Sequence[Sample | Skipped]) -> dict[str, Any]:
+        from .transforms import sample_seed
+
         collated = collate_samples(items)
         if len(collated) == 0:
             return {DATA_STATS_KEY: collated.report}
+        seeds = [sample_seed(self.seed, 0, key) for key in collated.keys]  # prefix-LM split per sample
         return {
             **collated.image_inputs(),
-            **self.text(collated.captions),
+            **self.text(collated.captions, seeds=seeds),
             "image_ids": collated.image_ids,
             DATA_STATS_KEY: collated.report,
         }
