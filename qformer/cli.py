@@ -8,6 +8,7 @@ the card, which wins over the library defaults.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -65,10 +66,12 @@ def build_parser(stage: int, description: str) -> argparse.ArgumentParser:
         g.add_argument("--keep-stage1-heads", action="store_true",
                        help="keep the Q-Former's text parts and ITC/ITM heads (LAVIS drops them in stage 2)")
     d = p.add_argument_group("data")
-    d.add_argument("--train-data", default=None,
-                   help="training data: a hub dataset name, an imagefolder dir with metadata.jsonl, a .jsonl/.csv of "
-                        "image path + caption, or webdataset shards ('shards/{000..099}.tar')")
-    d.add_argument("--eval-data", default=None, help="held-out data for periodic and final evaluation (same forms)")
+    d.add_argument("--train-data", nargs="+", default=None, metavar="DATA",
+                   help="training data, one or more (concatenated): a hub dataset name, an imagefolder dir with "
+                        "metadata.jsonl, a .jsonl/.json/.csv of image path + caption, or webdataset shards "
+                        "('shards/{000..099}.tar')")
+    d.add_argument("--eval-data", nargs="+", default=None, metavar="DATA",
+                   help="held-out data for periodic and final evaluation (same forms)")
     d.add_argument("--eval-size", type=int, default=None, help="held-out images to evaluate on (default: card's eval.*.max_images)")
     d.add_argument("--streaming", action="store_true", help="stream the training data instead of indexing it")
     d.add_argument("--augment", type=_bool, default=None,
@@ -103,8 +106,8 @@ def card_from_args(args: argparse.Namespace, stage: int) -> AdapterCard:
         if value is not None:
             overrides.append(f"stage{stage}.{f.name}={value}")
     for key, value in (("train", args.train_data), ("eval", args.eval_data)):
-        if value is not None:
-            overrides.append(f"data.stage{stage}.{key}={value}")
+        if value is not None:  # JSON is YAML: a one-element list stays a plain spec
+            overrides.append(f"data.stage{stage}.{key}={json.dumps(value[0] if len(value) == 1 else value)}")
     for key in ("augment", "cache_features", "streaming"):
         value = getattr(args, key, None)
         if value not in (None, False):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
@@ -76,9 +77,15 @@ class MEDAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv: KV, mask: torch.Tensor | None) -> torch.Tensor:
         q = self._heads(self.query(x))  # (B, H, L, Dh)
         k, v = kv
-        ctx = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0
-        )  # (B, H, L, Dh)
+        dropout = self.attention_dropout if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            # On CPU, SDPA's flash kernel is 2-5x slower than its math kernel in bf16 for the
+            # short sequences of a Q-Former (its backward dominated a training step); in
+            # fp32 the flash kernel is the faster one. See benchmarks/README.md.
+            with sdpa_kernel(SDPBackend.MATH):
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, L, Dh)
         ctx = ctx.transpose(1, 2).reshape(x.shape)  # (B, L, D)
         return self.layer_norm(self.dropout(self.dense(ctx)) + x)
 

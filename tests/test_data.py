@@ -743,3 +743,27 @@ def test_two_ranks_merge_reports_and_balance_batches(tmp_path):
     assert data["world_size"] == 2 and data["usable_samples"] == 2
     assert data["skipped"] == {"missing_image": 3}
     assert data["counts"]["rank_trimmed"] == 3 and data["counts"]["batches"] == 2
+
+
+def test_several_datasets_concatenate_with_distinct_ids(tmp_path):
+    """--train-data A B: one dataset after the other; ids of different datasets never collide."""
+    import json as _json
+
+    from qformer.data import ConcatCaptionSource, open_caption_source
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, colour in ((a, "red"), (b, "blue")):
+        d.mkdir()
+        Image.new("RGB", (16, 16), colour).save(d / "0.png")
+        Image.new("RGB", (16, 16), colour).save(d / "1.png")
+        (d / "caps.jsonl").write_text("".join(_json.dumps({"image": f"{i}.png", "caption": f"a {colour} {i}",
+                                                            "image_id": i}) + "\n" for i in range(2)))
+    src = open_caption_source([str(a / "caps.jsonl"), str(b / "caps.jsonl")])
+    assert isinstance(src, ConcatCaptionSource) and src.is_map_style and len(src) == 4
+    recs = [src.record(i) for i in range(4)]
+    assert [r.caption for r in recs] == ["a red 0", "a red 1", "a blue 0", "a blue 1"]
+    assert len({r.image_id for r in recs}) == 4 and len({r.key for r in recs}) == 4
+    assert [r.caption for r in src.iter_records(shard=1, num_shards=2)] == ["a red 1", "a blue 1"]
+    with pytest.raises(IndexError):
+        src.record(4)
+    assert open_caption_source([str(a / "caps.jsonl")]).name == open_caption_source(str(a / "caps.jsonl")).name

@@ -17,7 +17,9 @@ disjoint part of the data: tar shards / HF shards when there are enough, else ev
 
 from __future__ import annotations
 
+import bisect
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -35,6 +37,7 @@ __all__ = [
     "CaptionSource",
     "DatasetSpecError",
     "FileCaptionSource",
+    "ConcatCaptionSource",
     "HFCaptionSource",
     "WebDatasetCaptionSource",
     "detect_spec_kind",
@@ -629,6 +632,59 @@ def detect_spec_kind(spec: str) -> tuple[str, str]:
     )
 
 
+class ConcatCaptionSource(CaptionSource):
+    """Several sources one after the other (e.g. COCO + Visual Genome + CC + SBU + LAION).
+
+    Image ids and sample keys are prefixed with the source's position, so that two datasets'
+    ids never collide (a collision would make unrelated captions ITC positives of each other).
+    Map-style when every part is; otherwise the parts are streamed one after another.
+    """
+
+    def __init__(self, sources: list[CaptionSource]) -> None:
+        if not sources:
+            raise DatasetSpecError("an empty list of datasets")
+        self.sources = list(sources)
+        self.name = " + ".join(s.name for s in self.sources)
+        self._starts: list[int] = []
+        if self.is_map_style:
+            total = 0
+            for src in self.sources:
+                self._starts.append(total)
+                total += len(src)
+            self._len = total
+
+    @property
+    def is_map_style(self) -> bool:
+        return all(s.is_map_style for s in self.sources)
+
+    def __len__(self) -> int:
+        if not self.is_map_style:
+            return super().__len__()
+        return self._len
+
+    @staticmethod
+    def _tag(record: AnyRecord, part: int) -> AnyRecord:
+        if isinstance(record, CaptionRecord):
+            return dataclasses.replace(record, image_id=f"{part}:{record.image_id}", key=f"{part}:{record.key}")
+        return record
+
+    def record(self, index: int) -> AnyRecord:
+        if not self.is_map_style:
+            return super().record(index)
+        if not 0 <= index < self._len:
+            raise IndexError(f"index {index} out of range for {self.name} ({self._len} records)")
+        part = bisect.bisect_right(self._starts, index) - 1
+        return self._tag(self.sources[part].record(index - self._starts[part]), part)
+
+    def iter_records(self, *, shard: int = 0, num_shards: int = 1) -> Iterator[AnyRecord]:
+        if self.is_map_style:
+            yield from super().iter_records(shard=shard, num_shards=num_shards)
+            return
+        for part, src in enumerate(self.sources):
+            for record in src.iter_records(shard=shard, num_shards=num_shards):
+                yield self._tag(record, part)
+
+
 def open_caption_source(
     spec: Any,
     *,
@@ -643,7 +699,8 @@ def open_caption_source(
 ) -> CaptionSource:
     """A :class:`CaptionSource` from a spec.
 
-    ``spec`` is a :class:`CaptionSource` (returned as is), a ``datasets.Dataset`` /
+    ``spec`` is a :class:`CaptionSource` (returned as is), a list of specs (concatenated, see
+    :class:`ConcatCaptionSource`), a ``datasets.Dataset`` /
     ``IterableDataset`` / ``DatasetDict`` (a hub dataset already loaded), a string (see
     :func:`detect_spec_kind`), or a dict ``{"type": kind, "path" | "name" | "urls": location,
     **options}`` whose options override the keyword arguments. Remaining ``options`` go to the
@@ -654,6 +711,15 @@ def open_caption_source(
 
     if isinstance(spec, CaptionSource):
         return spec
+    if isinstance(spec, (list, tuple)):
+        if len(spec) == 1:
+            spec = spec[0]
+        else:
+            return ConcatCaptionSource([
+                open_caption_source(s, split=split, streaming=streaming, image_column=image_column,
+                                    caption_column=caption_column, id_column=id_column, cache_dir=cache_dir, **options)
+                for s in spec
+            ])
     cols = dict(image_column=image_column, caption_column=caption_column, id_column=id_column)
     if isinstance(spec, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split not in spec:
