@@ -10,6 +10,7 @@ checkpoint and resumed therefore logs exactly the losses of an uninterrupted run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -36,6 +37,7 @@ class Run:
     rank: int
     world_size: int
     started: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (see phase())
 
     @property
     def is_main(self) -> bool:
@@ -44,6 +46,20 @@ class Run:
     def print(self, *args: Any) -> None:
         if self.is_main:
             print(*args, flush=True)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time a phase of the run (summed if entered again); reported in results.json."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def timing_summary(self) -> str:
+        total = time.perf_counter() - self.started
+        parts = ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items())
+        return f"{total:.0f} s in all ({parts})"
 
     def elapsed(self) -> str:
         s = time.perf_counter() - self.started
@@ -102,11 +118,12 @@ def feature_cache_for(run: Run, tower, specs: list[Any]):
 
     root = run.output_dir.parent / "feature-cache"
     cache = FeatureCache.for_tower(root, tower)
-    if run.is_main:
-        for spec in specs:
-            if spec is not None:
-                fill_feature_cache(cache, tower, open_caption_source(spec), progress=run.progress)
-    run.accelerator.wait_for_everyone()
+    with run.phase("feature cache"):
+        if run.is_main:
+            for spec in specs:
+                if spec is not None:
+                    fill_feature_cache(cache, tower, open_caption_source(spec), progress=run.progress)
+        run.accelerator.wait_for_everyone()
     return FeatureCache.for_tower(root, tower)
 
 
@@ -255,18 +272,19 @@ def fit(
     objective.train()
     while state.step < cfg.max_steps:
         for micro in range(cfg.grad_accum):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                state.epoch += 1
-                loader.set_epoch(state.epoch)
-                batches = iter(loader)
-                batch = next(batches)
+            with run.phase("data"):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    state.epoch += 1
+                    loader.set_epoch(state.epoch)
+                    batches = iter(loader)
+                    batch = next(batches)
             batch = _to_device(batch, acc.device)
             seed = step_seed(cfg.seed, state.step, run.rank, micro)
             torch.manual_seed(seed)  # dropout
             generator = torch.Generator(device=acc.device).manual_seed(seed + 1)  # ITM negatives
-            with acc.accumulate(objective):
+            with acc.accumulate(objective), run.phase("train"):
                 out = step_fn(objective, batch, generator)
                 acc.backward(out.loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
@@ -322,7 +340,7 @@ def _reduce_mean(acc, values: dict[str, float]) -> dict[str, float]:
 
 def _evaluate(run: Run, evaluate, state: TrainState, log: MetricLog, objective: nn.Module) -> None:
     objective.eval()
-    with torch.no_grad():
+    with torch.no_grad(), run.phase("evaluation"):
         metrics = evaluate(state.step)
     objective.train()
     if metrics:

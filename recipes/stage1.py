@@ -78,8 +78,9 @@ def main() -> None:
             # The frozen tower is written only if nothing else says where to load it from.
             model.save_pretrained(run.output_dir / "model", include_frozen=not cfg.vision.pretrained)
             write_results({"retrieval": run.last_eval()}, run.output_dir, name="results", title=f"{card.name}: stage 1",
-                          extra={"adapter": card.name, "steps": state.step, "samples": state.samples_seen})
-            run.print(f"\nstage 1 done in {run.elapsed()}: model saved to {run.output_dir / 'model'}")
+                          extra={"adapter": card.name, "steps": state.step, "samples": state.samples_seen,
+                                 "seconds": {k: round(v, 1) for k, v in run.timings.items()}})
+            run.print(f"\nstage 1 done: {run.timing_summary()}; model saved to {run.output_dir / 'model'}")
     run.accelerator.end_training()
 
 

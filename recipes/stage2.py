@@ -95,8 +95,9 @@ def main() -> None:
     if state.step == run.train.max_steps and run.is_main:
         model.save_pretrained(run.output_dir / "model", include_frozen=not (cfg.vision.pretrained and cfg.llm.path))
         write_results({"captioning": run.last_eval()}, run.output_dir, name="results", title=f"{card.name}: stage 2",
-                      extra={"adapter": card.name, "steps": state.step, "samples": state.samples_seen})
-        run.print(f"\nstage 2 done in {run.elapsed()}: model saved to {run.output_dir / 'model'}")
+                      extra={"adapter": card.name, "steps": state.step, "samples": state.samples_seen,
+                                 "seconds": {k: round(v, 1) for k, v in run.timings.items()}})
+        run.print(f"\nstage 2 done: {run.timing_summary()}; model saved to {run.output_dir / 'model'}")
     run.accelerator.end_training()
 
 

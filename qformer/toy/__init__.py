@@ -1,0 +1,66 @@
+"""The toy world and its frozen toy backbones: BLIP-2 end to end on a CPU, no downloads.
+
+``qformer.toy.world`` (numpy + Pillow only) generates captioned scenes; ``qformer.toy.backbones``
+(torch, timm, transformers) pretrains and caches a small ViT, a small OPT LM and the
+Q-Former's tokenizer on that world. Backbone names are imported lazily so that data
+loaders importing the world do not pay for torch/transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .world import (
+    COLOURS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    SPLITS,
+    ToyObject,
+    ToySample,
+    ToyScene,
+    ToySplit,
+    ToyWorld,
+    caption_vocabulary,
+    parse_caption,
+    score_caption,
+)
+
+_BACKBONE_NAMES = {
+    "TOY_BACKBONES_VERSION",
+    "ToyBackbones",
+    "ToyLMSpec",
+    "ToyPretrainBudget",
+    "ToyVisionSpec",
+    "build_bert_tokenizer",
+    "build_lm_tokenizer",
+    "default_cache_root",
+    "ensure_toy_backbones",
+    "load_toy_vision_tower",
+    "toy_cache_key",
+}
+
+__all__ = [
+    "COLOURS",
+    "RELATIONS",
+    "SHAPES",
+    "SIZES",
+    "SPLITS",
+    "ToyObject",
+    "ToySample",
+    "ToyScene",
+    "ToySplit",
+    "ToyWorld",
+    "caption_vocabulary",
+    "parse_caption",
+    "score_caption",
+    *sorted(_BACKBONE_NAMES),
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BACKBONE_NAMES:
+        from . import backbones
+
+        return getattr(backbones, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
