@@ -165,10 +165,16 @@ def toy_resources(card: AdapterCard, *, progress: bool = True) -> dict[str, Any]
     import shutil
     import tempfile
 
-    from .toy import ToyWorld, ensure_toy_backbones
+    from .toy import ToyPretrainBudget, ToyWorld, ensure_toy_backbones
     from .tokenizer import load_qformer_tokenizer
 
-    backbones = ensure_toy_backbones(progress=progress)
+    # data.toy_budget: "default" (the real toy backbones) or "tiny" (seconds; for smoke tests:
+    # the backbones barely learn). Each budget is cached under its own key.
+    budget_name = str((card.data or {}).get("toy_budget", "default"))
+    budgets = {"default": ToyPretrainBudget, "tiny": ToyPretrainBudget.tiny}
+    if budget_name not in budgets:
+        raise ConfigError(f"adapter {card.name!r}: data.toy_budget must be one of {sorted(budgets)}, got {budget_name!r}")
+    backbones = ensure_toy_backbones(progress=progress, budget=budgets[budget_name]())
     world = ToyWorld()
     sizes = dict((card.data or {}).get("toy_sizes", {"train": 20000, "val": 1000, "test": 1000}))
     out: dict[str, Any] = {}

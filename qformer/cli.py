@@ -36,7 +36,13 @@ _TRAIN_HELP = {
     "seed": "seed of data order, augmentation, dropout and ITM negatives",
     "num_workers": "DataLoader worker processes per rank",
     "clamp_temperature": "clamp the ITC temperature to [0.001, 0.5] after each step (BLIP/ALBEF; LAVIS BLIP-2 does not)",
+    "itc_weight": "weight of the ITC loss in the stage-1 sum (BLIP-2: 1)",
+    "itm_weight": "weight of the ITM loss in the stage-1 sum (BLIP-2: 1)",
+    "itg_weight": "weight of the ITG loss in the stage-1 sum (BLIP-2: 1)",
+    "loss_ramp_steps": "ramp the ITM and ITG weights linearly from 0 over the first N steps so that ITC leads "
+                       "(helps a Q-Former trained from scratch; 0 = BLIP-2's constant weights)",
 }
+_STAGE1_ONLY = {"itc_weight", "itm_weight", "itg_weight", "loss_ramp_steps"}
 
 
 def _bool(text: str) -> bool:
@@ -80,6 +86,8 @@ def build_parser(stage: int, description: str) -> argparse.ArgumentParser:
                    help="cache the frozen tower's features on disk (needs --augment false; default: card data.cache_features)")
     t = p.add_argument_group(f"training (defaults from the card's stage{stage} section)")
     for f in fields(TrainConfig):
+        if stage != 1 and f.name in _STAGE1_ONLY:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = {int: int, float: float, bool: _bool}.get(type(f.default), None)
         if f.name == "max_grad_norm":

@@ -23,6 +23,7 @@ from torch import nn
 
 from .adapters import AdapterCard, resolve_toy
 from .config import Blip2Config
+from .eval.tasks import EvalSet, open_eval_set
 from .training import CheckpointManager, MetricLog, TrainConfig, TrainState, register_model_hooks, step_seed
 
 
@@ -98,9 +99,27 @@ def start_run(card: AdapterCard, stage: int, *, output_dir: Path | None, progres
     hparams = {f"train/{k}": v for k, v in train.to_dict().items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(f"stage{stage}", config={"adapter": card.name, **hparams})
     if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, torch.get_num_threads() // accelerator.num_processes))
+        torch.set_num_threads(cpu_threads_per_process(accelerator))
     return Run(accelerator, card, stage, train, out, progress and accelerator.is_main_process,
                accelerator.process_index, accelerator.num_processes)
+
+
+def cpu_threads_per_process(accelerator) -> int:
+    """Intra-op threads for one rank on a CPU machine: ``$QFORMER_NUM_THREADS`` if set, else
+    the cores this process may use divided by the ranks on this machine.
+
+    Why not ``OMP_NUM_THREADS``: ``accelerate launch`` without a config sets it to 1 on
+    machines whose physical-core count psutil reports as 1 per rank (e.g. 2 vCPUs), which
+    halves the speed of a 2-core laptop/CI run; the cores we are allowed to use are the
+    honest budget."""
+    import os
+
+    env = os.environ.get("QFORMER_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or accelerator.num_processes))  # ranks on this machine
+    return max(1, cores // local)
 
 
 def data_settings(card: AdapterCard) -> dict[str, Any]:
@@ -144,78 +163,14 @@ def open_training_data(run: Run, *, vision, collate, feature_cache=None):
                          persistent_workers=run.train.num_workers > 0)
 
 
-@dataclass
-class EvalSet:
-    """Held-out images with all their reference captions."""
-
-    inputs: torch.Tensor  # (N, 3, H, W) pixels or (N, T, C) cached tower features
-    kind: str  # "pixel_values" or "vision_features"
-    references: list[list[str]]  # per image
-    attributes: list[dict[str, Any] | None]  # toy world scene attributes, when the data has them
-
-    def __len__(self) -> int:
-        return len(self.references)
-
-    def batches(self, batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
-        return [{self.kind: self.inputs[s : s + batch_size]} for s in range(0, len(self), batch_size)]
-
-    def generate_inputs(self, index: list[int]) -> dict[str, torch.Tensor]:
-        """Keyword arguments of ``Blip2.generate`` for the images at ``index``."""
-        return {"images" if self.kind == "pixel_values" else "vision_features": self.inputs[index]}
-
-    @property
-    def first_captions(self) -> list[str]:
-        return [refs[0] for refs in self.references]
-
-
 def load_eval_set(run: Run, *, vision, max_images: int, feature_cache=None) -> EvalSet | None:
     """The first ``max_images`` distinct images of ``data.stageN.eval`` with their captions,
-    preprocessed with the eval transform (or read from the feature cache)."""
-    from .data import open_caption_dataset
-    from .data.samples import Sample
-
+    preprocessed with the eval transform (or read from the feature cache); None when the card
+    has no eval data. The same loader as ``recipes/evaluate.py`` (:func:`open_eval_set`)."""
     spec = (run.card.data.get(f"stage{run.stage}") or {}).get("eval")
     if spec is None:
         return None
-    ds = open_caption_dataset(spec, vision=vision, train=False, feature_cache=feature_cache, seed=run.train.seed)
-    order: list[Any] = []
-    groups: dict[Any, list[str]] = {}
-    tensors: dict[Any, torch.Tensor] = {}
-    keys: dict[Any, str] = {}
-    for i in range(len(ds)):
-        item = ds[i]
-        if not isinstance(item, Sample):
-            continue
-        if item.image_id not in groups:
-            if len(order) == max_images:
-                continue
-            order.append(item.image_id)
-            groups[item.image_id] = []
-            tensors[item.image_id] = item.vision_features if item.vision_features is not None else item.pixel_values
-            keys[item.image_id] = item.key
-        groups[item.image_id].append(item.caption)
-    if not order:
-        raise ValueError(f"eval data {spec!r} has no usable image")
-    return EvalSet(inputs=torch.stack([tensors[i] for i in order]),
-                   kind="vision_features" if feature_cache is not None else "pixel_values",
-                   references=[groups[i] for i in order], attributes=_toy_attributes(spec, [keys[i] for i in order]))
-
-
-def _toy_attributes(spec: Any, keys: list[str]) -> list[dict[str, Any] | None]:
-    """Scene attributes stored by ``ToyWorld.export`` (for attribute accuracy), else None."""
-    meta = Path(str(spec)) / "metadata.jsonl"
-    if not meta.is_file():
-        return [None] * len(keys)
-    by_name = {}
-    for line in meta.read_text().splitlines():
-        row = json.loads(line)
-        if "attributes" in row:
-            by_name[row["file_name"]] = json.loads(row["attributes"])
-    out = []
-    for key in keys:
-        match = next((v for name, v in by_name.items() if str(key).endswith(name)), None)
-        out.append(match)
-    return out
+    return open_eval_set(spec, vision=vision, max_images=max_images, feature_cache=feature_cache, seed=run.train.seed)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -228,14 +183,15 @@ def fit(
     model: nn.Module,
     objective: nn.Module,
     loader,
-    step_fn: Callable[[nn.Module, dict[str, Any], torch.Generator], Any],
+    step_fn: Callable[[nn.Module, dict[str, Any], torch.Generator, int], Any],
     evaluate: Callable[[int], dict[str, float]] | None = None,
     resume: str | None = None,
     stop_after: int | None = None,
 ) -> TrainState:
     """Train ``objective`` for ``run.train.max_steps`` optimizer steps.
 
-    ``step_fn(objective, batch, generator)`` returns an output with ``.loss`` and
+    ``step_fn(objective, batch, generator, step)`` (``step``: optimizer steps done so far)
+    returns an output with ``.loss`` and
     ``.metrics()``. ``evaluate(step)`` runs on every rank every ``eval_every`` steps and at the
     end; its metrics are logged. ``resume``: "latest" or a checkpoint directory.
     ``stop_after``: stop after that many optimizer steps of this invocation, as if killed
@@ -285,7 +241,7 @@ def fit(
             torch.manual_seed(seed)  # dropout
             generator = torch.Generator(device=acc.device).manual_seed(seed + 1)  # ITM negatives
             with acc.accumulate(objective), run.phase("train"):
-                out = step_fn(objective, batch, generator)
+                out = step_fn(objective, batch, generator, state.step)
                 acc.backward(out.loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -349,5 +305,5 @@ def _evaluate(run: Run, evaluate, state: TrainState, log: MetricLog, objective: 
         state.best = {**state.best, **{k: max(v, state.best.get(k, -math.inf)) for k, v in metrics.items()}}
 
 
-__all__ = ["EvalSet", "Run", "data_settings", "feature_cache_for", "fit", "load_eval_set", "open_training_data",
+__all__ = ["EvalSet", "Run", "cpu_threads_per_process", "data_settings", "feature_cache_for", "fit", "load_eval_set", "open_training_data",
            "start_run"]

@@ -66,6 +66,23 @@ def _cat_kv(*parts: list[KV | None]) -> list[KV | None]:
     ]
 
 
+def stage1_loss_weights(
+    step: int, *, itc: float = 1.0, itm: float = 1.0, itg: float = 1.0, ramp_steps: int = 0
+) -> tuple[float, float, float]:
+    """(itc, itm, itg) weights at optimizer step ``step``: ITM and ITG ramp linearly from 0 to
+    their value over the first ``ramp_steps`` steps (0: constant, as BLIP-2).
+
+    Why a ramp: a Q-Former trained from scratch (no BERT to start from, as in the toy world)
+    starts with queries that barely depend on the image; ITG then rewards using them as
+    image-independent memory, and ITC can sit at its chance level (ln B) for hundreds of
+    steps. Letting ITC lead for a few dozen steps makes the queries image-dependent first.
+    """
+    if ramp_steps < 0:
+        raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
+    r = 1.0 if ramp_steps == 0 else min(1.0, step / ramp_steps)
+    return (itc, r * itm, r * itg)
+
+
 class Stage1Objective(nn.Module):
     """``forward(batch) -> Stage1Output`` for BLIP-2 stage 1.
 
@@ -74,6 +91,8 @@ class Stage1Objective(nn.Module):
         itc_label_smoothing / itg_label_smoothing: 0.1 in BLIP-2.
         gather_with_grad: ITC gathers other ranks' features with gradient (default), making
             W ranks x B samples identical to one process on W*B; False reproduces LAVIS.
+        itc_weight / itm_weight / itg_weight: weights of the three losses in ``loss`` (BLIP-2:
+            1 each). The unweighted losses are reported either way.
     """
 
     def __init__(
@@ -83,8 +102,14 @@ class Stage1Objective(nn.Module):
         itc_label_smoothing: float = 0.1,
         itg_label_smoothing: float = 0.1,
         gather_with_grad: bool = True,
+        itc_weight: float = 1.0,
+        itm_weight: float = 1.0,
+        itg_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        if min(itc_weight, itm_weight, itg_weight) < 0:
+            raise ValueError(f"loss weights must be >= 0, got itc {itc_weight}, itm {itm_weight}, itg {itg_weight}")
+        self.weights = (itc_weight, itm_weight, itg_weight)
         self.model = model
         self.itc_label_smoothing = itc_label_smoothing
         self.itg_label_smoothing = itg_label_smoothing
@@ -103,6 +128,7 @@ class Stage1Objective(nn.Module):
         world_size: int | None = None,
         generator: torch.Generator | None = None,
         negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+        loss_weights: tuple[float, float, float] | None = None,
     ) -> Stage1Output:
         """One stage-1 step on this rank's batch.
 
@@ -114,6 +140,8 @@ class Stage1Objective(nn.Module):
             rank / world_size: default to the process group's (or 0 / 1 without one).
             generator: RNG for the hard-negative draw (default: torch's global RNG).
             negatives: pin the draw: (neg_image_idx, neg_text_idx), global indices (B,) each.
+            loss_weights: (itc, itm, itg) for this step only (e.g. a ramp, see
+                :func:`stage1_loss_weights`); default: the constructor's weights.
         """
         if rank is None or world_size is None:
             rank, world_size = dist_info()
@@ -172,7 +200,7 @@ class Stage1Objective(nn.Module):
         loss_itg = losses.itg_loss(logits, targets, label_smoothing=self.itg_label_smoothing)
 
         return Stage1Output(
-            loss=itc.loss + loss_itm + loss_itg,
+            loss=self._weighted(itc.loss, loss_itm, loss_itg, loss_weights),
             loss_itc=itc.loss,
             loss_itm=loss_itm,
             loss_itg=loss_itg,
@@ -183,6 +211,14 @@ class Stage1Objective(nn.Module):
             neg_text_idx=neg_txt,
             features=feats,
         )
+
+    def _weighted(self, itc: torch.Tensor, itm: torch.Tensor, itg: torch.Tensor,
+                  weights: tuple[float, float, float] | None) -> torch.Tensor:
+        weights = self.weights if weights is None else tuple(float(w) for w in weights)
+        if weights == (1.0, 1.0, 1.0):
+            return itc + itm + itg  # BLIP-2's sum, bit for bit
+        w_itc, w_itm, w_itg = weights
+        return w_itc * itc + w_itm * itm + w_itg * itg
 
     def _negative_image_kv(
         self,

@@ -53,6 +53,11 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2
     clamp_temperature: bool = False  # BLIP/ALBEF clamp temp to [0.001, 0.5]; LAVIS BLIP-2 does not
+    # Stage 1 only: weights of the three losses (BLIP-2 sums them, 1 each).
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    itg_weight: float = 1.0
+    loss_ramp_steps: int = 0  # ITM and ITG weights ramp from 0 over this many steps (0: constant)
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "bf16", "fp16"):

@@ -12,11 +12,12 @@ metrics.jsonl, loss_curve.png, results.{json,md}, data_report.json and TensorBoa
 from __future__ import annotations
 
 from qformer import Blip2, Stage1Objective
+from qformer.stage1 import stage1_loss_weights
 from qformer.checkpoint import init_qformer_from_bert
 from qformer.cli import build_parser, card_from_args
 from qformer.data import Stage1Collator
-from qformer.eval.report import format_table, write_results
-from qformer.eval.retrieval import evaluate_retrieval
+from qformer.eval.report import format_grid, write_results
+from qformer.eval.tasks import evaluate_eval_set_retrieval
 from qformer.recipe import data_settings, feature_cache_for, fit, load_eval_set, open_training_data, start_run
 from qformer.tokenizer import load_qformer_tokenizer
 
@@ -55,21 +56,37 @@ def main() -> None:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(step: int) -> dict[str, float]:
-        """Held-out retrieval: ITC top-k, then ITM re-ranking of the k candidates."""
+        """Held-out retrieval, BLIP-2's protocol (ITC top-k, then ITM re-ranking of the k
+        candidates), and ITC alone beside it (cheap: no ITM pass) to show what ITM adds."""
         if eval_set is None:
             return {}
-        result = evaluate_retrieval(
-            model, eval_set.batches(), eval_set.first_captions, txt2img=list(range(len(eval_set))),
-            k=eval_cfg.get("k", 16), rank=run.rank, world_size=run.world_size, progress=run.progress,
-        )
-        run.print(f"\nstep {step}: retrieval among {len(eval_set)} held-out images\n"
-                  + format_table({"retrieval": {k: v for k, v in result.items() if isinstance(v, float)}}))
-        return {k: v for k, v in result.items() if isinstance(v, float)}
+        k = eval_cfg.get("k", 16)
+        runs = {"itm": ("itm+itc", ""), "itc": ("itc", "itc_")}
+        metrics, table = {}, {}
+        for name, (combine, prefix) in runs.items():
+            result = evaluate_eval_set_retrieval(model, eval_set, k=k, references="first", combine=combine,
+                                                 rank=run.rank, world_size=run.world_size,
+                                                 progress=run.progress and combine != "itc")
+            floats = {key: v for key, v in result.items() if isinstance(v, float)}
+            metrics.update({prefix + key: v for key, v in floats.items()})
+            title = f"ITC top-{k} + ITM re-rank" if name == "itm" else "ITC only"
+            table[title] = {key.replace("_r", " R@").replace("R@_mean", "mean R").replace("r_mean", "mean R"): v
+                            for key, v in floats.items()}
+        run.print(f"\nstep {step}: retrieval among {len(eval_set)} held-out images (i2t: image->text)\n"
+                  + format_grid(table, precision=1, row_title="scores"))
+        return metrics
 
     # ---------------------------------------------------------------- train
     objective = Stage1Objective(model)
+    t = run.train  # loss weights are a pure function of the step, so resume stays exact
+
+    def step_fn(obj, batch, generator, step):
+        weights = stage1_loss_weights(step, itc=t.itc_weight, itm=t.itm_weight, itg=t.itg_weight,
+                                      ramp_steps=t.loss_ramp_steps)
+        return obj(**batch, generator=generator, loss_weights=weights)
+
     state = fit(run, model=model, objective=objective, loader=loader,
-                step_fn=lambda obj, batch, generator: obj(**batch, generator=generator),
+                step_fn=step_fn,
                 evaluate=evaluate if args.eval_size != 0 else None, resume=args.resume, stop_after=args.stop_after)
 
     # ---------------------------------------------------------------- save and report

@@ -18,8 +18,8 @@ from qformer import Blip2
 from qformer.checkpoint import init_from_stage1
 from qformer.cli import build_parser, card_from_args
 from qformer.data import Stage2Collator
-from qformer.eval.captioning import caption_metrics
 from qformer.eval.report import format_table, write_results
+from qformer.eval.tasks import evaluate_captioning
 from qformer.llm import is_encoder_decoder
 from qformer.recipe import data_settings, feature_cache_for, fit, load_eval_set, open_training_data, start_run
 from qformer.stage2 import Stage2Objective, Stage2TextCollator
@@ -64,31 +64,19 @@ def main() -> None:
         """Held-out captioning: COCO metrics, and attribute accuracy on the toy world."""
         if eval_set is None:
             return {}
-        mine = list(range(run.rank, len(eval_set), run.world_size))  # each rank captions its share
-        captions = dict(zip(mine, model.generate(**eval_set.generate_inputs(mine), **generate_options)))
-        captions = _gather_dict(run, captions)
-        refs = {i: eval_set.references[i] for i in range(len(eval_set))}
-        scores = caption_metrics(captions, refs, metrics=("bleu", "cider", "rouge", "meteor"))
-        metrics = {k: float(v) for k, v in scores.items()}
-        attrs = eval_set.attributes
-        if attrs and attrs[0] is not None:
-            from qformer.toy import score_caption
-
-            per = [score_caption(captions[i], attrs[i]) for i in range(len(eval_set))]
-            for key in per[0]:
-                metrics[f"toy_{key}"] = sum(p[key] for p in per) / len(per)
+        result = evaluate_captioning(model, eval_set, rank=run.rank, world_size=run.world_size,
+                                     generate_options=generate_options, progress=run.progress)
+        metrics = dict(result.metrics)
         run.print(f"\nstep {step}: captioning {len(eval_set)} held-out images\n" + format_table({"captioning": metrics}))
         if run.is_main:
-            lines = [f"{i:4d}  pred: {captions[i]}\n      true: {eval_set.references[i][0]}" for i in range(min(8, len(eval_set)))]
-            run.print("sample captions:\n" + "\n".join(lines))
-            (run.output_dir / "samples.txt").write_text("\n".join(
-                f"{i}\tpred: {captions[i]}\ttrue: {' | '.join(eval_set.references[i])}" for i in range(len(eval_set))) + "\n")
+            run.print("sample captions:\n" + result.sample_lines(8))
+            result.write_samples(run.output_dir / "samples.txt")
         return metrics
 
     # ---------------------------------------------------------------- train
     objective = Stage2Objective(model)
     state = fit(run, model=model, objective=objective, loader=loader,
-                step_fn=lambda obj, batch, generator: obj(**batch),
+                step_fn=lambda obj, batch, generator, step: obj(**batch),
                 evaluate=evaluate if args.eval_size != 0 else None, resume=args.resume, stop_after=args.stop_after)
 
     # ---------------------------------------------------------------- save and report
@@ -99,16 +87,6 @@ def main() -> None:
                                  "seconds": {k: round(v, 1) for k, v in run.timings.items()}})
         run.print(f"\nstage 2 done: {run.timing_summary()}; model saved to {run.output_dir / 'model'}")
     run.accelerator.end_training()
-
-
-def _gather_dict(run, part: dict[int, str]) -> dict[int, str]:
-    if run.world_size == 1:
-        return part
-    import torch.distributed as dist
-
-    parts: list[dict[int, str]] = [{} for _ in range(run.world_size)]
-    dist.all_gather_object(parts, part)
-    return {k: v for p in parts for k, v in p.items()}
 
 
 if __name__ == "__main__":

@@ -320,3 +320,41 @@ def test_stage1_loss_is_sane_and_decreases(tok):
     assert last["loss_itc"] < first["loss_itc"] - 0.3
     assert last["loss_itg"] < first["loss_itg"] - 1.0
     assert last["loss_itm"] < first["loss_itm"]
+
+
+def test_loss_weights_scale_each_loss_and_default_is_the_plain_sum(tok):
+    torch.manual_seed(3)
+    m = Blip2(tiny_config(len(tok)), tokenizer=tok)
+    randomize_(m, 3)
+    m.eval()  # no dropout: the two runs must see the same network
+    b, neg = _batch(tok), (torch.tensor([1, 2, 3, 0]), torch.tensor([3, 0, 1, 2]))
+    plain = Stage1Objective(m)(**b, negatives=neg)
+    assert plain.loss.item() == (plain.loss_itc + plain.loss_itm + plain.loss_itg).item()
+    weighted = Stage1Objective(m, itc_weight=2.0, itm_weight=0.5, itg_weight=0.0)(**b, negatives=neg)
+    # the reported losses are the unweighted ones, identical to the plain run
+    for name in ("loss_itc", "loss_itm", "loss_itg"):
+        assert getattr(weighted, name).item() == getattr(plain, name).item()
+    expected = 2.0 * plain.loss_itc + 0.5 * plain.loss_itm
+    assert abs(weighted.loss.item() - expected.item()) < 1e-6
+    weighted.loss.backward()  # ITG weight 0: the LM head gets no gradient from the loss
+    bias_grad = m.qformer.lm_head.bias.grad  # the LM head's bias is used by ITG only
+    assert bias_grad is not None and bias_grad.abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="loss weights"):
+        Stage1Objective(m, itm_weight=-1.0)
+
+
+def test_loss_ramp_is_a_pure_function_of_the_step(tok):
+    from qformer.stage1 import stage1_loss_weights
+
+    assert stage1_loss_weights(0) == stage1_loss_weights(10**6) == (1.0, 1.0, 1.0)  # BLIP-2: constant
+    assert stage1_loss_weights(0, ramp_steps=100) == (1.0, 0.0, 0.0)
+    assert stage1_loss_weights(25, itm=2.0, ramp_steps=100) == (1.0, 0.5, 0.25)
+    assert stage1_loss_weights(100, itg=0.5, ramp_steps=100) == stage1_loss_weights(500, itg=0.5, ramp_steps=100)
+    with pytest.raises(ValueError):
+        stage1_loss_weights(0, ramp_steps=-1)
+    # per-call weights override the constructor's
+    torch.manual_seed(4)
+    m = Blip2(tiny_config(len(tok)), tokenizer=tok).eval()
+    b, neg = _batch(tok), (torch.tensor([1, 2, 3, 0]), torch.tensor([3, 0, 1, 2]))
+    out = Stage1Objective(m)(**b, negatives=neg, loss_weights=stage1_loss_weights(0, ramp_steps=10))
+    assert out.loss.item() == pytest.approx(out.loss_itc.item(), abs=1e-7)

@@ -118,3 +118,49 @@ def test_help_documents_every_option():
 def test_missing_training_data_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(AssertionError, match="no training data"):
         run_recipe(1, tiny, tmp_path / "x", "--set", "data.stage1.train=null")
+
+
+# ------------------------------------------------------------------ the built-in toy world
+def _toy_args(stage: int) -> list[str]:
+    """--adapter toy with backbones pretrained on the tiny budget (seconds, in a temp cache),
+    a small slice of the world and a few steps: the real toy code path, shrunk."""
+    return ["--adapter", "toy", "--set", "data.toy_budget=tiny", "--set", "data.toy_sizes={train: 96, val: 24}",
+            "--set", "model.qformer.num_layers=2", "--set", "model.qformer.num_query_tokens=4",
+            "--set", f"eval.stage{stage}.max_images=12", "--set", f"stage{stage}.save_every=1000",
+            "--max-steps", "3", "--batch-size", "8", "--log-every", "1", "--num-workers", "0"]
+
+
+def _run_toy(stage: int, out: Path, cache: Path, *extra: str, processes: int = 1) -> str:
+    script = str(REPO / "recipes" / f"stage{stage}.py")
+    args = [*_toy_args(stage), "--output-dir", str(out), "--no-progress", *extra]
+    cmd = [sys.executable, script, *args] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(_env(), QFORMER_CACHE=str(cache)), cwd=REPO,
+                          timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_toy_world_smoke(tmp_path, processes):
+    """`recipes/stage1.py` then `recipes/stage2.py` on the toy adapter (what `make demo` runs),
+    in one process and in two."""
+    cache = tmp_path / "cache"
+    s1 = tmp_path / "toy" / "stage1"
+    out = _run_toy(1, s1, cache, processes=processes)
+    assert f"{processes} process(es)" in out and "retrieval among 12 held-out images" in out
+    assert "ITC top-16 + ITM re-rank" in out and "ITC only" in out
+    res = json.loads((s1 / "results.json").read_text())
+    retrieval = res["results"]["retrieval"]
+    assert 0 <= retrieval["i2t_r1"] <= 100 and "itc_t2i_r1" in retrieval and res["steps"] == 3
+    assert sorted(losses(s1)) == [1, 2, 3]
+    s2 = tmp_path / "toy" / "stage2"
+    out = _run_toy(2, s2, cache, "--init-from", str(s1 / "model"), processes=processes)
+    assert "captioning 12 held-out images" in out and "sample captions" in out and "stage 2 done" in out
+    res = json.loads((s2 / "results.json").read_text())["results"]["captioning"]
+    assert {"CIDEr", "Bleu_4", "ROUGE_L", "toy_recall", "toy_colour_recall"} <= set(res), sorted(res)
+    assert all(0 <= res[k] <= 1 for k in ("toy_recall", "toy_colour_recall")) and res["CIDEr"] >= 0
+    assert (s2 / "loss_curve.png").is_file() and (s2 / "samples.txt").read_text().count("pred:") == 12

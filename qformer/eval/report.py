@@ -74,6 +74,19 @@ def format_table(results: Results, *, precision: int = 2, markdown: bool = True)
     return "\n".join(lines)
 
 
+def format_grid(results: Results, *, precision: int = 2, row_title: str = "") -> str:
+    """One row per task, one column per metric (the union, in first-seen order): a compact
+    markdown table for results that share their metric names (e.g. retrieval settings)."""
+    columns: list[str] = []
+    for metrics in results.values():
+        columns += [str(m) for m in metrics if str(m) not in columns]
+    lines = ["| " + " | ".join([row_title, *columns]) + " |", "| --- |" + " ---: |" * len(columns)]
+    for task, metrics in results.items():
+        cells = [_format_value(metrics[c], precision) if c in metrics else "" for c in columns]
+        lines.append("| " + " | ".join([str(task), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def _notes(results: Results) -> list[str]:
     notes = []
     for task, metrics in results.items():
@@ -138,4 +151,4 @@ def print_table(results: Results, *, precision: int = 2, file: TextIO | None = N
         print(f"note: {note}", file=stream)
 
 
-__all__ = ["format_report", "format_table", "print_table", "results_to_json", "write_results"]
+__all__ = ["format_grid", "format_report", "format_table", "print_table", "results_to_json", "write_results"]
