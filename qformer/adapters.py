@@ -186,7 +186,8 @@ def toy_resources(card: AdapterCard, *, progress: bool = True) -> dict[str, Any]
             world.export(split, int(n), tmp, overwrite=True)
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
-        out[f"data/{split}"] = str(target)
+        out[f"data/{split}"] = str(target)  # imagefolder (datasets): ~25 s to index 30k files
+        out[f"data/{split}.jsonl"] = str(target / "metadata.jsonl")  # the same records, read directly: ~3 s
     vision = backbones.vision_config()
     out.update({
         "vision_config": vision,

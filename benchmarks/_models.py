@@ -1,0 +1,196 @@
+"""Models, tokenizers and batches shared by the benchmarks (our venv only: transformers 5).
+
+Everything is written locally and randomly initialised from seeds: no downloads.
+
+* tokenizers: a BERT WordPiece tokenizer with ``[DEC]`` (the Q-Former's), an OPT-style
+  byte-level BPE ("</s>" BOS, "<pad>"), a T5-style one ("<pad>"=0, "</s>"=1 appended);
+* :func:`small_hf_blip2`: transformers' ``Blip2ForConditionalGeneration`` with the "small"
+  configuration of ``../shared/docs/performance-notes.md`` (OPT or T5), saved to a directory
+  that ``qformer.Blip2.from_pretrained`` loads;
+* :func:`tiny_stage1_model`: a tiny ``qformer.Blip2`` for the retrieval benchmark.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "a an the of on in at to with and is are was it its this that there his her "
+    "man woman men women person people boy girl child children dog dogs cat cats "
+    "bird horse cow sheep bus car train truck bicycle bike street road city busy "
+    "red blue green white black yellow brown small large big two three some "
+    "sitting standing riding playing eating walking running holding looking lying "
+    "sofa couch table bed chair kitchen room window door snow grass water beach "
+    "field park tree trees sky plate pizza food next while rains heavily down "
+    "photo picture image front top near under over group together"
+).split()
+
+
+def captions(n: int, *, words: tuple[int, int], seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))) for _ in range(n)]
+
+
+def pixels(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Non-trivial random weights (as tests/conftest.py): matrices N(0, 1/fan_in), 1-D
+    ``weight``s 1 + N(0, 0.1^2), everything else N(0, 0.1^2); ``temp`` untouched."""
+    g = torch.Generator().manual_seed(seed)
+    seen = set()
+    for name, p in module.named_parameters():
+        if id(p) in seen or name.split(".")[-1] == "temp":
+            continue
+        seen.add(id(p))
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+        leaf = name.split(".")[-1]
+        if p.dim() >= 2 and leaf == "weight":
+            p.copy_(noise / p[0].numel() ** 0.5)
+        elif p.dim() == 1 and leaf == "weight":
+            p.copy_(1.0 + 0.1 * noise)
+        else:
+            p.copy_(0.1 * noise)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+def write_bert_tokenizer(directory: Path, size: int | None = None):
+    """BertTokenizerFast over WORDS (+ [unusedN] up to ``size``), with [DEC] as bos."""
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    toks: list[str] = []
+    for t in special + list(".,!?'-") + letters + ["##" + c for c in letters] + WORDS:
+        if t not in toks:
+            toks.append(t)
+    while size is not None and len(toks) < size:
+        toks.append(f"[unused{len(toks)}]")
+    (directory / "vocab.txt").write_text("\n".join(toks) + "\n")
+    tok = BertTokenizerFast(vocab=str(directory / "vocab.txt"), do_lower_case=True)
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok.save_pretrained(str(directory))
+    return tok
+
+
+def _train_bpe(special: list[str], vocab_size: int = 600):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [" ".join(WORDS), "a photo of " + " ".join(WORDS), "Question: what is it? Answer: a cat\n"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def write_causal_tokenizer(directory: Path):
+    """OPT-style: byte-level BPE, "</s>" prepended as BOS, "<pad>" padding."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_bpe(["<s>", "<pad>", "</s>", "<unk>"])
+    bos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A $B", special_tokens=[("</s>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    directory.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def write_seq2seq_tokenizer(directory: Path):
+    """T5-style: "<pad>"=0 (decoder start), "</s>"=1 appended to every text."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_bpe(["<pad>", "</s>", "<unk>"])
+    eos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    directory.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+# ----------------------------------------------------------------------------- stage 2 models
+SMALL_VISION = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                    image_size=224, patch_size=16, qkv_bias=True)
+SMALL_QFORMER = dict(vocab_size=1000, hidden_size=384, num_hidden_layers=4, num_attention_heads=6,
+                     intermediate_size=1536, max_position_embeddings=64, encoder_hidden_size=384,
+                     use_qformer_text_input=False, cross_attention_frequency=2)
+NUM_QUERY = 32
+IMAGE_SIZE = 224
+
+
+def _text_config(kind: str, tok):
+    from transformers import OPTConfig, T5Config
+
+    if kind == "opt":
+        return OPTConfig(vocab_size=50272, hidden_size=512, num_hidden_layers=4, ffn_dim=2048, num_attention_heads=8,
+                         max_position_embeddings=2048, word_embed_proj_dim=512, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, dropout=0.1)
+    return T5Config(vocab_size=32128, d_model=512, d_ff=2048, d_kv=64, num_layers=4, num_decoder_layers=4, num_heads=8,
+                    pad_token_id=0, eos_token_id=1, bos_token_id=0, decoder_start_token_id=0, dropout_rate=0.1,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
+
+def small_hf_blip2(directory: Path, kind: str, seed: int = 0):
+    """Write transformers' Blip2ForConditionalGeneration ("small", OPT or T5) with random
+    weights and its tokenizer (an ``<image>`` token added) to ``directory``; returns
+    (model, tokenizer, image_token_id)."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    tok = (write_seq2seq_tokenizer if kind == "t5" else write_causal_tokenizer)(directory / "tok")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    cfg = Blip2Config(vision_config=dict(SMALL_VISION), qformer_config=dict(SMALL_QFORMER),
+                      text_config=_text_config(kind, tok).to_dict(), num_query_tokens=NUM_QUERY,
+                      image_token_index=image_id)
+    torch.manual_seed(seed)
+    hf = Blip2ForConditionalGeneration(cfg).eval()
+    randomize_(hf, seed)
+    hf.save_pretrained(str(directory))
+    tok.save_pretrained(str(directory))
+    return hf, tok, image_id
+
+
+def hf_stage2_inputs(kind: str, batch: dict, image_id: int) -> dict:
+    """Our collator's batch -> transformers' inputs: ``num_query_tokens`` ``<image>``
+    placeholders before the text (as transformers 5 expects), labels shifted accordingly."""
+    b = batch["input_ids"].shape[0]
+    ids = torch.cat([torch.full((b, NUM_QUERY), image_id), batch["input_ids"]], 1)
+    am = torch.cat([torch.ones(b, NUM_QUERY, dtype=torch.long), batch["attention_mask"]], 1)
+    if kind != "t5":
+        labels = torch.cat([torch.full((b, NUM_QUERY), -100), batch["labels"]], 1)
+        return dict(input_ids=ids, attention_mask=am, labels=labels)
+    return dict(input_ids=ids, attention_mask=am, labels=batch["labels"],
+                decoder_attention_mask=batch["decoder_attention_mask"])
+
+
+# ----------------------------------------------------------------------------- stage 1 tiny
+def tiny_stage1_model(directory: Path, seed: int = 0):
+    """A tiny random qformer.Blip2 (ViT 48 wide / 3 blocks / 32 px, Q-Former 64 wide / 2 layers, 8 queries)."""
+    from qformer import Blip2, Blip2Config, QFormerConfig, VisionConfig
+
+    tok = write_bert_tokenizer(directory / "bert_tok")
+    cfg = Blip2Config(
+        vision=VisionConfig(backend="timm", name="eva_giant_patch14_clip_224",
+                            model_kwargs=dict(embed_dim=48, depth=3, num_heads=4, patch_size=8, mlp_ratio=2.0),
+                            image_size=32, feature_layer=-2),
+        qformer=QFormerConfig(vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                              max_position_embeddings=48, encoder_width=48, num_query_tokens=8),
+        embed_dim=32, max_txt_len=32,
+    )
+    torch.manual_seed(seed)
+    model = Blip2(cfg, tokenizer=tok)
+    randomize_(model, seed)
+    return model.eval()

@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Run every benchmark and write ``benchmarks/README.md``.
+
+    python benchmarks/run_all.py                  # the whole suite, ~6 minutes on a quiet 2-core machine
+    python benchmarks/run_all.py --quick          # fewer timed steps (~4 minutes), noisier
+    python benchmarks/run_all.py --only stage1 generation
+    python benchmarks/run_all.py --readme-only    # rebuild the README from benchmarks/results/*.json
+
+Each benchmark runs as its own process (``python benchmarks/<name>.py ...``), writes its
+findings to ``benchmarks/results/<name>.json`` and its profiles to ``benchmarks/profiles/``;
+this script then assembles the README: the machine, one table per benchmark (ratios and
+absolute numbers), every goal with its measured value, and pointers to the profiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+BENCHMARKS = {
+    # name: (script, normal args, quick args)
+    "stage1": ("stage1_step.py", ["--rounds", "3", "--steps", "2", "--warmup", "3"],
+               ["--rounds", "2", "--steps", "2", "--warmup", "2"]),
+    "stage2": ("stage2_step.py", ["--rounds", "3", "--steps", "2", "--warmup", "2"],
+               ["--rounds", "2", "--steps", "1", "--warmup", "1"]),
+    "generation": ("generation.py", ["--rounds", "3", "--steps", "2", "--warmup", "1"],
+                   ["--rounds", "2", "--steps", "1", "--warmup", "1"]),
+    "retrieval": ("retrieval_scaling.py", ["--repeats", "2"], ["--repeats", "1"]),
+    "matmul": ("matmul_efficiency.py", ["--rounds", "2", "--steps", "2", "--warmup", "2"],
+               ["--rounds", "2", "--steps", "1", "--warmup", "1"]),
+}
+RESULT_NAMES = {"stage1": "stage1_step", "stage2": "stage2_step", "generation": "generation",
+                "retrieval": "retrieval_scaling", "matmul": "matmul_efficiency"}
+
+HOW_TO_RUN = """\
+## How to run
+
+```bash
+. .venv/bin/activate
+python benchmarks/run_all.py            # everything, then rewrites this README (~6 min on a quiet machine)
+python benchmarks/run_all.py --quick    # fewer timed steps
+python benchmarks/stage1_step.py --configs small --rounds 5 --steps 2   # one benchmark, more samples
+python benchmarks/stage2_step.py --llms opt --hf-bf16-weights
+python benchmarks/generation.py
+python benchmarks/retrieval_scaling.py --sizes 100 200 400 800 1600 --k 16
+python benchmarks/matmul_efficiency.py
+```
+
+The LAVIS side needs the oracle venv (`.venv-lavis`, or `QFORMER_LAVIS_PYTHON=/path/to/python`) and
+`../shared/tools/lavis-oracle/lavis_oracle.py` (`QFORMER_LAVIS_ORACLE_DIR` to move it). Every comparison
+runs each side in its own subprocess with `torch.set_num_threads(2)`, the same weights and the same
+inputs, warm-up steps first, then timed blocks alternated A B ... B A; tables give the median (± half the
+interquartile range). Peak RSS is the kernel's high-water mark of each side's process, reset after
+warm-up (`/proc/self/clear_refs`), so it covers model, optimizer state and the steps' activations.
+
+**Shared machine.** Other engineers' jobs run on the same 2 cores. With 2 OpenMP threads, one foreign
+busy thread makes every parallel region wait for a descheduled thread and a step gets 2-10x slower, and
+not uniformly: a step made of more, smaller, parallel regions loses more. Each timed block therefore
+records the CPU time other processes used meanwhile; the parent waits (a bounded time) for quiet before
+each block, and the statistics use the quiet blocks ("blocks: q/n quiet") when at least half are quiet.
+Rerun (or raise `--rounds`) when a table says most blocks were contended.
+"""
+
+
+def run_benchmark(name: str, quick: bool, quiet_wait: float, extra: list[str]) -> tuple[int, float]:
+    script, normal, fast = BENCHMARKS[name]
+    argv = [sys.executable, str(C.BENCH_DIR / script)] + (fast if quick else normal) + extra
+    argv += ["--quiet-wait", str(quiet_wait)]
+    C.log(f"run_all: {' '.join(argv[1:])}")
+    t0 = time.perf_counter()
+    rc = subprocess.call(argv, cwd=str(C.REPO))
+    return rc, time.perf_counter() - t0
+
+
+def profile_summary(path: Path, top: int = 6) -> str:
+    """The first rows (op, self CPU %) of a profile written by ``_common.write_profile``."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 7 and parts[1].endswith("%") and not line.startswith("Name"):
+            rows.append(f"{parts[0]} {parts[1]}")
+        if len(rows) >= top:
+            break
+    total = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Self CPU time total")), "?")
+    return f"total {total}: " + ", ".join(rows)
+
+
+def write_readme(info: dict, durations: dict[str, float], failures: dict[str, int]) -> Path:
+    sections = {}
+    for key, name in RESULT_NAMES.items():
+        path = C.RESULTS_DIR / f"{name}.json"
+        if path.exists():
+            sections[key] = C.Section.load(path)
+    parts = [
+        "# Benchmarks: qformer vs LAVIS 1.0.2 and transformers",
+        "",
+        "Generated by `python benchmarks/run_all.py` (do not edit by hand: rerun it). Ratios are measured side "
+        "by side in one run; absolute numbers depend on this shared machine's load.",
+        "",
+        "## Machine",
+        "",
+        *C.machine_lines(info),
+    ]
+    if durations:
+        parts.append("- Wall time of this run: " + ", ".join(f"{k} {v:.0f} s" for k, v in durations.items())
+                     + f" (total {sum(durations.values()):.0f} s)")
+    if failures:
+        parts.append("- **Failed** in this run (tables below may be from an earlier run): "
+                     + ", ".join(f"{k} (exit {v})" for k, v in failures.items()))
+    parts.append("")
+    goals = [(g, m, ok) for s in sections.values() for g, m, ok in s.goals]
+    if goals:
+        parts += ["## Goals", "",
+                  C.md_table(["goal", "measured", "met?"],
+                             [(g, m, {True: "**met**", False: "**missed**", None: "n/a"}[ok]) for g, m, ok in goals]),
+                  ""]
+    for key in RESULT_NAMES:
+        if key in sections:
+            parts.append(sections[key].markdown(level=2))
+    profiles = sorted(C.PROFILE_DIR.glob("*.txt"))
+    if profiles:
+        parts += ["## Profiles", "",
+                  "`torch.profiler` (CPU), one step each, top operators by self CPU time, in `benchmarks/profiles/`:", ""]
+        for p in profiles:
+            parts.append(f"- [`{p.name}`](profiles/{p.name}): {profile_summary(p)}")
+        parts.append("")
+    parts.append(HOW_TO_RUN)
+    readme = C.BENCH_DIR / "README.md"
+    readme.write_text("\n".join(parts))
+    return readme
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    p.add_argument("--quick", action="store_true", help="fewer timed steps per benchmark")
+    p.add_argument("--quiet-wait", type=float, default=10.0,
+                   help="seconds to wait for other processes to go quiet before each timed block (default %(default)s)")
+    p.add_argument("--readme-only", action="store_true", help="only rebuild README.md from benchmarks/results/")
+    args = p.parse_args(argv)
+    info = C.machine_info()
+    durations: dict[str, float] = {}
+    failures: dict[str, int] = {}
+    if not args.readme_only:
+        for name in args.only:
+            rc, dt = run_benchmark(name, args.quick, args.quiet_wait, [])
+            durations[name] = dt
+            if rc:
+                failures[name] = rc
+                C.log(f"run_all: {name} failed with exit code {rc}")
+    readme = write_readme(info, durations, failures)
+    C.log(f"run_all: wrote {readme} ({sum(durations.values()):.0f} s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Smoke tests of benchmarks/: the shared helpers (statistics, tables, the worker protocol, the
+A/B alternation) and a very small retrieval-scaling run. The timed comparisons themselves are
+run by ``python benchmarks/run_all.py``, not by the test suite."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _common as C  # noqa: E402
+
+WORKER = (
+    "import sys; sys.path.insert(0, {bench!r}); import _common as C; "
+    "C.serve({{'echo': lambda x: x, 'steps': lambda n: C.timed_block(lambda: sum(range(1000)), n), "
+    "'boom': lambda: 1 / 0}})"
+)
+
+
+def test_stats_and_table():
+    s = C.Stats([3.0, 1.0, 2.0, 4.0])
+    assert s.median == 2.5 and s.n == 4 and s.min == 1.0
+    assert abs(s.iqr - 1.5) < 1e-12
+    table = C.md_table(["a", "b"], [[1, "x"], [2, "y"]])
+    assert table.splitlines()[0] == "| a | b |" and table.count("\n") == 3
+    assert C.ratio(2.0, 1.0) == "2.00x"
+
+
+def test_timing_prefers_quiet_blocks():
+    t = C.Timing(blocks=[{"times": [1.0, 1.1], "foreign_cores": 0.0}, {"times": [9.0, 9.0], "foreign_cores": 1.0},
+                         {"times": [1.2], "foreign_cores": 0.05}])
+    assert t.stats.median == 1.1 and not t.contended and t.describe() == "2/3 quiet"
+    busy = C.Timing(blocks=[{"times": [5.0], "foreign_cores": 2.0}, {"times": [1.0], "foreign_cores": 0.0},
+                            {"times": [6.0], "foreign_cores": 2.0}])
+    assert busy.stats.n == 3 and busy.contended  # too few quiet steps: all of them, flagged
+
+
+def test_worker_protocol_and_alternation(tmp_path):
+    argv = [sys.executable, "-c", WORKER.format(bench=str(BENCH))]
+    with C.Worker("a", argv, log=tmp_path / "a.log") as a, C.Worker("b", argv, log=tmp_path / "b.log") as b:
+        assert a.call("echo", x=[1, 2]) == [1, 2]
+        with pytest.raises(C.WorkerError, match="ZeroDivisionError"):
+            a.call("boom")
+        assert a.call("echo", x="still alive") == "still alive"
+        times = C.alternate([a, b], rounds=2, steps=3, quiet_wait=0)
+        assert set(times) == {"a", "b"} and all(len(t.all.times) == 6 for t in times.values())
+
+
+def test_peak_rss_reset():
+    before = C.peak_rss_bytes()
+    assert before >= C.rss_bytes() > 0
+    if C.reset_peak_rss():
+        assert C.peak_rss_bytes() <= before
+
+
+@pytest.mark.slow
+def test_retrieval_scaling_smoke(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "RESULTS_DIR", tmp_path / "results")
+    import retrieval_scaling
+
+    sec = retrieval_scaling.main(["--sizes", "12", "24", "--k", "3", "--repeats", "1", "--quiet-wait", "0",
+                                  "--workdir", str(tmp_path)])
+    sizes = sec.data["sizes"]
+    assert set(sizes) == {12, 24}
+    assert all(0 < v["pairs"] <= 2 * n * 3 for n, v in sizes.items())
+    assert (tmp_path / "results" / "retrieval_scaling.json").exists()
