@@ -79,3 +79,32 @@ def test_unknown_cards_and_sections_are_clear_errors(tmp_path):
     bad.write_text("model: {qformer: {hidden_size: 10, num_heads: 3}}\n")
     with pytest.raises(ConfigError, match="divisible"):
         load_adapter(bad).blip2_config()
+
+
+def test_toy_budget_names_are_checked(tmp_path, monkeypatch):
+    from qformer.adapters import toy_resources
+
+    monkeypatch.setenv("QFORMER_CACHE", str(tmp_path))
+    card = load_adapter("toy", ["data.toy_budget=huge"])
+    with pytest.raises(ConfigError, match="toy_budget must be one of"):
+        toy_resources(card, progress=False)
+    assert not any(tmp_path.iterdir())  # refused before anything was trained or written
+
+
+def test_cpu_threads_per_process(monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    from qformer.recipe import cpu_threads_per_process
+
+    cores = len(os.sched_getaffinity(0))
+    one, two = SimpleNamespace(num_processes=1), SimpleNamespace(num_processes=2)
+    monkeypatch.delenv("QFORMER_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` sets on a 2-vCPU machine: ignored
+    assert cpu_threads_per_process(one) == cores
+    assert cpu_threads_per_process(two) == max(1, cores // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # multi-node: ranks on this machine, not in the job
+    assert cpu_threads_per_process(one) == max(1, cores // 4)
+    monkeypatch.setenv("QFORMER_NUM_THREADS", "3")
+    assert cpu_threads_per_process(two) == 3
