@@ -214,11 +214,8 @@ class Stage1Objective(nn.Module):
 
     def _weighted(self, itc: torch.Tensor, itm: torch.Tensor, itg: torch.Tensor,
                   weights: tuple[float, float, float] | None) -> torch.Tensor:
-        weights = self.weights if weights is None else tuple(float(w) for w in weights)
-        if weights == (1.0, 1.0, 1.0):
-            return itc + itm + itg  # BLIP-2's sum, bit for bit
-        w_itc, w_itm, w_itg = weights
-        return w_itc * itc + w_itm * itm + w_itg * itg
+        w_itc, w_itm, w_itg = self.weights if weights is None else weights
+        return w_itc * itc + w_itm * itm + w_itg * itg  # x 1.0 is exact: BLIP-2's plain sum by default
 
     def _negative_image_kv(
         self,

@@ -346,6 +346,7 @@ def test_itm_reranking_changes_the_order():
     assert both.ranks_i2t[0] == 0 and both["i2t_r1"] == pytest.approx(100.0)
     assert both.scores_i2t[0, 1] == pytest.approx(4.0 + 0.8) and both.scores_i2t[0, 0] == pytest.approx(-3.0 + 0.9)
     assert both.scores_i2t[0, 2] == float("-inf")  # not among image 0's top 2
+    assert both.itc_only == dict(itc) and itc.itc_only is None  # ITC-only recall from the same pass
     only_itm = retrieval_from_features(img, txt, FakeItm(itm), txt2img, k=2, combine="itm", return_scores=True)
     assert only_itm.scores_i2t[0, 1] == 4.0 and only_itm.scores_t2i[1, 0] == 4.0
 

@@ -78,6 +78,7 @@ class SimMatrices(NamedTuple):
     num_itm_pairs: int  # distinct pairs scored by the ITM head (all ranks together)
     k_i2t: int  # candidates per image (k clamped to N_txt)
     k_t2i: int  # candidates per text (k clamped to N_img)
+    itc: torch.Tensor | None = None  # (N_img, N_txt) the ITC similarity the candidates came from
 
 
 class RetrievalResult(dict):
@@ -86,7 +87,8 @@ class RetrievalResult(dict):
     Keys: ``i2t_r1, i2t_r5, i2t_r10, i2t_r_mean, t2i_r1, t2i_r5, t2i_r10, t2i_r_mean, r_mean``.
     Attributes: ``scores_i2t`` / ``scores_t2i`` (only with ``return_scores=True``), ``ranks_i2t``
     / ``ranks_t2i`` (0-based rank of the best ground truth of each query), ``k_i2t``, ``k_t2i``,
-    ``num_itm_pairs``, ``combine``.
+    ``num_itm_pairs``, ``combine``; ``itc_only``: the same recall metrics of the ITC similarity
+    alone, before re-ranking (from the same pass; None for ``combine="itc"``).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -99,6 +101,7 @@ class RetrievalResult(dict):
         self.k_t2i = 0
         self.num_itm_pairs = 0
         self.combine = ""
+        self.itc_only: dict[str, float] | None = None
 
     def metadata(self) -> dict:
         """What :mod:`qformer.eval.report` writes next to the numbers."""
@@ -273,7 +276,7 @@ def rerank_with_itm(
         itm_t2i = itm_t2i + sim.t().gather(1, top_t2i)
     scores_i2t = sim.new_full((ni, nt), float("-inf")).scatter_(1, top_i2t, itm_i2t)
     scores_t2i = sim.new_full((nt, ni), float("-inf")).scatter_(1, top_t2i, itm_t2i)
-    return SimMatrices(scores_i2t, scores_t2i, int(keys.numel()), k_i2t, k_t2i)
+    return SimMatrices(scores_i2t, scores_t2i, int(keys.numel()), k_i2t, k_t2i, sim)
 
 
 def compute_sim_matrix(
@@ -383,6 +386,8 @@ def retrieval_from_features(
 def _finish(sims: SimMatrices, txt2img, img2txt, *, combine: str, return_scores: bool) -> RetrievalResult:
     out = retrieval_metrics(sims.i2t, sims.t2i, txt2img, img2txt)
     out.k_i2t, out.k_t2i, out.num_itm_pairs, out.combine = sims.k_i2t, sims.k_t2i, sims.num_itm_pairs, combine
+    if sims.itc is not None:  # what ITM re-ranking changed, at no extra model cost
+        out.itc_only = dict(retrieval_metrics(sims.itc, sims.itc.t(), txt2img, img2txt))
     if return_scores:
         out.scores_i2t, out.scores_t2i = sims.i2t, sims.t2i
     return out
