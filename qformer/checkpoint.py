@@ -553,7 +553,7 @@ def build_llm_from_state_dict(llm_config: LLMConfig, sd: dict[str, torch.Tensor]
     (parameters start on the meta device and are assigned the checkpoint's tensors)."""
     from accelerate import init_empty_weights
 
-    from .llm import _auto_class, hf_config_of, torch_dtype
+    from .llm import _auto_class, hf_config_of, torch_dtype, use_vocab_head
 
     hf_config = hf_config_of(llm_config)
     dtype = torch_dtype(llm_config.dtype)
@@ -580,6 +580,7 @@ def build_llm_from_state_dict(llm_config: LLMConfig, sd: dict[str, torch.Tensor]
     if still_meta:
         raise CheckpointError(f"{source}: LLM weights missing from the checkpoint: {_summarise(still_meta)}")
     model.requires_grad_(False)
+    use_vocab_head(model)
     return model.eval()
 
 

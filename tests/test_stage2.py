@@ -130,6 +130,51 @@ def test_generation_matches_transformers(hf_pair, num_beams):
     assert any(len(t) > 0 for t in got)
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_vocab_head_fast_path_generates_the_same_tokens(hf_pair, num_beams):
+    """The CPU decode path of VocabHead (forced on for this tiny vocabulary) changes no token,
+    and keeps the head tied / its state-dict keys."""
+    from qformer.llm import VocabHead, base_llm, use_vocab_head
+
+    kind, hf, ours, tok, image_id, _ = hf_pair
+    fast = copy.deepcopy(ours)
+    lm = base_llm(fast.llm)
+    keys = set(lm.state_dict())
+    assert type(lm.get_output_embeddings()) is torch.nn.Linear  # tiny vocab: left alone by default
+    assert use_vocab_head(lm, min_vocab=1)
+    head = lm.get_output_embeddings()
+    assert isinstance(head, VocabHead) and set(lm.state_dict()) == keys
+    if kind in ("opt", "qwen2"):  # tied heads stay tied
+        assert head.weight is lm.get_input_embeddings().weight
+    calls = []
+    head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    px = pixels(seed=1)
+    a = ours.generate(px, "a photo of", num_beams=num_beams, max_new_tokens=7, min_new_tokens=3)
+    b = fast.generate(px, "a photo of", num_beams=num_beams, max_new_tokens=7, min_new_tokens=3)
+    assert a == b and calls
+    assert all(s.numel() // s[-1] <= VocabHead.FAST_ROWS for s in map(torch.Size, calls))  # the fast path ran
+
+
+def test_vocab_head_matches_linear():
+    from qformer.llm import VocabHead
+
+    torch.manual_seed(0)
+    for bias in (False, True):
+        lin = torch.nn.Linear(64, 9000, bias=bias)
+        head = VocabHead.from_linear(lin)
+        assert head.weight is lin.weight
+        for shape in [(1, 64), (8, 1, 64), (5, 7, 64), (300, 64)]:  # 300 rows: nn.Linear's own path
+            x = torch.randn(*shape)
+            with torch.no_grad():
+                got, ref = head(x), lin(x)
+            assert got.shape == ref.shape and got.is_contiguous()
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        x = torch.randn(4, 64, requires_grad=True)  # autograd: exactly nn.Linear
+        assert torch.equal(head(x), lin(x))
+        head(x).sum().backward()
+        assert x.grad is not None
+
+
 def test_batched_generation_with_different_prompt_lengths_equals_one_by_one(hf_pair):
     """Decoder-only LLMs are left padded for generation; results must not depend on batching."""
     kind, _, ours, *_ = hf_pair
