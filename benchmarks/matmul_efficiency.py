@@ -121,10 +121,14 @@ def analytic_flops(n_targets: int, *, lavis: bool = False) -> dict[str, float]:
     vit = lin(B * 196, 3 * 16 * 16, CV) + DEPTH * (lin(B * P, CV, 4 * CV) + lin(B * P, CV, 2 * FV) + 4.0 * B * P * P * CV)
     kv = XLAYERS * lin(B * P, CV, 2 * D)  # image K/V of the cross-attention layers
 
-    def layer_stack(b, n_q, n_t, n_keys_extra=0, cross=True):
+    def layer_stack(b, n_q, n_t, n_keys_extra=0, cross=True, last_rows=None):
+        """``last_rows``: the last layer computes only that many leading rows (every position
+        is still a key there): ours for the ITM pass (the queries) and the text pass ([CLS])."""
         n = n_q + n_t
-        f = LAYERS * (lin(b * n, D, 4 * D) + att(b, n, n + n_keys_extra) + lin(b * n, D, 2 * FF))
-        if cross and n_q:
+        r = n if last_rows is None else last_rows
+        f = (LAYERS - 1) * (lin(b * n, D, 4 * D) + att(b, n, n + n_keys_extra) + lin(b * n, D, 2 * FF))
+        f += lin(b * n, D, 2 * D) + lin(b * r, D, 2 * D) + att(b, r, n + n_keys_extra) + lin(b * r, D, 2 * FF)
+        if cross and n_q:  # layers 0 and 2 (every 2nd): all query rows (last_rows keeps the queries)
             f += XLAYERS * (lin(b * n_q, D, 2 * D) + att(b, n_q, P))
         return f
 
@@ -132,8 +136,8 @@ def analytic_flops(n_targets: int, *, lavis: bool = False) -> dict[str, float]:
         "ViT forward (frozen, x1)": vit,
         "image cross-attention K/V": kv,
         "query pass (ITC image side)": layer_stack(B, Q, 0),
-        "text pass (ITC text side)": layer_stack(B, 0, T, cross=False),
-        "ITM pass over 3B pairs": layer_stack(3 * B, Q, T) + (3 * kv if lavis else 0.0),
+        "text pass (ITC text side)": layer_stack(B, 0, T, cross=False, last_rows=None if lavis else 1),
+        "ITM pass over 3B pairs": layer_stack(3 * B, Q, T, last_rows=None if lavis else Q) + (3 * kv if lavis else 0.0),
         # decoder: text rows only (query K/V reused), keys = queries + text
         "ITG decoder": LAYERS * (lin(B * T, D, 4 * D) + 4.0 * B * T * (Q + T) * D + lin(B * T, D, 2 * FF)),
         "ITG LM head": lin(B * T if lavis else n_targets, D, D + V),

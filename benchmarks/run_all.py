@@ -8,8 +8,9 @@
 
 Each benchmark runs as its own process (``python benchmarks/<name>.py ...``), writes its
 findings to ``benchmarks/results/<name>.json`` and its profiles to ``benchmarks/profiles/``;
-this script then assembles the README: the machine, one table per benchmark (ratios and
-absolute numbers), every goal with its measured value, and pointers to the profiles.
+this script then assembles the README: the machine, every goal with its measured value, the
+hand-written ``analysis.md`` (why a missed goal is missed, with the measurements behind it),
+one table per benchmark (ratios and absolute numbers), and pointers to the profiles.
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ def write_readme(info: dict, durations: dict[str, float], failures: dict[str, in
                   C.md_table(["goal", "measured", "met?"],
                              [(g, m, {True: "**met**", False: "**missed**", None: "n/a"}[ok]) for g, m, ok in goals]),
                   ""]
+    analysis = C.BENCH_DIR / "analysis.md"  # hand-written: why each missed goal is missed
+    if analysis.exists():
+        parts += [analysis.read_text().rstrip(), ""]
     for key in RESULT_NAMES:
         if key in sections:
             parts.append(sections[key].markdown(level=2))

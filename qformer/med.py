@@ -130,16 +130,22 @@ class MEDLayer(nn.Module):
         image_kv: KV | None,
         past_kv: KV | None,
         num_queries: int,
+        rows: int | None = None,
     ) -> tuple[torch.Tensor, KV]:
         """``hidden`` (B, L, D) holds ``num_queries`` query positions, then text.
 
         Returns the new hidden states and this layer's self-attention K/V over all keys
-        (past included), which a later decoder pass can reuse.
+        (past included), which a later decoder pass can reuse. ``rows``: compute the output
+        of only the first ``rows`` positions (every position is still a key).
         """
         k, v = self.self_attn.project_kv(hidden)
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
+        if rows is not None and rows < hidden.shape[1]:
+            hidden = hidden[:, :rows]
+            if self_mask is not None and self_mask.shape[2] > 1:
+                self_mask = self_mask[:, :, :rows]
         x = self.self_attn(hidden, (k, v), self_mask)
         if num_queries == 0:
             return self.ffn(x), (k, v)
@@ -149,7 +155,7 @@ class MEDLayer(nn.Module):
                 raise ValueError("query positions need the image: pass image_kv (see MED.image_kv)")
             xq = self.cross_attn(xq, image_kv, None)
         xq = self.ffn_query(xq)
-        if x.shape[1] == num_queries:
+        if x.shape[1] <= num_queries:  # no text rows (or only query rows were asked for)
             return xq, (k, v)
         return torch.cat([xq, self.ffn(x[:, num_queries:])], dim=1), (k, v)
 
@@ -316,6 +322,7 @@ class MED(nn.Module):
         past_kv: list[KV] | None = None,
         num_past_queries: int = 0,
         return_kv: bool = False,
+        output_rows: int | None = None,
     ) -> MEDOutput:
         """Run the stack over ``[query_embeds ; embed(input_ids)]``.
 
@@ -330,6 +337,10 @@ class MED(nn.Module):
                 ``[num_past_queries queries ; earlier text]`` (e.g. a query-only pass run with
                 ``return_kv=True``). Text positions continue after the earlier text.
             return_kv: also return each layer's self-attention K/V (for reuse by a decoder).
+            output_rows: return only the first ``output_rows`` positions' hidden states (e.g.
+                the queries for ITM, [CLS] for ITC): the last layer then computes only those
+                rows -- every position is still a key there, and every earlier layer runs
+                in full -- so the returned rows are the same as a full pass's.
         """
         if input_ids is None and query_embeds is None:
             raise ValueError("MED needs input_ids, query_embeds or both")
@@ -354,16 +365,20 @@ class MED(nn.Module):
             causal=causal,
             device=hidden.device,
         )
+        if output_rows is not None and not 0 < output_rows <= num_queries + num_text:
+            raise ValueError(f"output_rows={output_rows} outside 1..{num_queries + num_text} (queries + text)")
         all_kv: list[KV] = []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer_image_kv = image_kv[i] if image_kv is not None else None
             layer_past = past_kv[i] if past_kv is not None else None
+            rows = output_rows if i == last else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden, kv = checkpoint(
-                    layer, hidden, mask, layer_image_kv, layer_past, num_queries, use_reentrant=False
+                    layer, hidden, mask, layer_image_kv, layer_past, num_queries, rows, use_reentrant=False
                 )
             else:
-                hidden, kv = layer(hidden, mask, layer_image_kv, layer_past, num_queries)
+                hidden, kv = layer(hidden, mask, layer_image_kv, layer_past, num_queries, rows)
             if return_kv:
                 all_kv.append(kv)
         return MEDOutput(hidden=hidden, kv=all_kv if return_kv else None)

@@ -43,7 +43,7 @@ class ImageEncoding:
 class Blip2Features:
     image: ImageEncoding
     image_feats: torch.Tensor  # (B, Q, E) normalised
-    text_hidden: torch.Tensor  # (B, L, D) unimodal text encoder output
+    text_hidden: torch.Tensor  # (B, L, D) unimodal text encoder output ((B, 1, D): [CLS] only, see forward)
     text_feats: torch.Tensor  # (B, E) normalised [CLS] embedding
 
 
@@ -129,9 +129,16 @@ class Blip2(nn.Module):
         out = self.qformer(query_embeds=queries, image_kv=image_kv, return_kv=return_kv)
         return ImageEncoding(image_embeds=image_embeds, image_kv=image_kv, query_output=out.hidden, query_kv=out.kv)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """The unimodal text encoder: (B, L) -> (B, L, D), bidirectional, no image."""
-        return self.qformer(input_ids=input_ids, attention_mask=attention_mask).hidden
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, cls_only: bool = False
+    ) -> torch.Tensor:
+        """The unimodal text encoder: (B, L) -> (B, L, D), bidirectional, no image.
+
+        ``cls_only``: return (B, 1, D), the [CLS] output alone (all ITC needs); the last
+        layer then skips the other positions."""
+        return self.qformer(
+            input_ids=input_ids, attention_mask=attention_mask, output_rows=1 if cls_only else None
+        ).hidden
 
     def image_features(self, query_output: torch.Tensor) -> torch.Tensor:
         """(B, Q, D) -> (B, Q, E), L2-normalised."""
@@ -152,8 +159,10 @@ class Blip2(nn.Module):
         n, q = input_ids.shape[0], self.num_query_tokens
         queries = self.query_tokens.expand(n, -1, -1)
         mask = torch.cat([attention_mask.new_ones(n, q), attention_mask], dim=1)  # (N, Q+L)
-        hidden = self.qformer(input_ids=input_ids, query_embeds=queries, attention_mask=mask, image_kv=image_kv).hidden
-        return self.itm_head(hidden[:, :q]).mean(dim=1)  # (N, 2)
+        hidden = self.qformer(
+            input_ids=input_ids, query_embeds=queries, attention_mask=mask, image_kv=image_kv, output_rows=q
+        ).hidden  # (N, Q, D): the text positions' last-layer outputs are never used
+        return self.itm_head(hidden).mean(dim=1)  # (N, 2)
 
     def decode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_kv: list[KV]
@@ -174,18 +183,21 @@ class Blip2(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         return_query_kv: bool = False,
+        text_cls_only: bool = False,
     ) -> Blip2Features:
         """ITC features of a batch of images and texts (plus the caches later passes reuse).
 
         Pass either ``pixel_values`` (B, 3, H, W) or precomputed ``image_embeds`` (B, N, C)
-        (already through ``ln_vision``, e.g. from :meth:`embed_image`).
+        (already through ``ln_vision``, e.g. from :meth:`embed_image`). ``text_cls_only``:
+        ``text_hidden`` holds only the [CLS] output (B, 1, D), computed without the other
+        positions' last layer (see :meth:`encode_text`).
         """
         if image_embeds is None:
             if pixel_values is None:
                 raise ValueError("Blip2.forward needs pixel_values or image_embeds")
             image_embeds = self.embed_image(pixel_values)
         image = self.encode_image(image_embeds, return_kv=return_query_kv)
-        text_hidden = self.encode_text(input_ids, attention_mask)
+        text_hidden = self.encode_text(input_ids, attention_mask, cls_only=text_cls_only)
         return Blip2Features(
             image=image,
             image_feats=self.image_features(image.query_output),
@@ -284,7 +296,7 @@ class Blip2(nn.Module):
         out = []
         for start in range(0, len(texts), batch_size):
             ids, mask = self._tokenize(texts[start : start + batch_size])
-            out.append(self.text_features(self.encode_text(ids, mask)))
+            out.append(self.text_features(self.encode_text(ids, mask, cls_only=True)))
         return torch.cat(out)
 
     @torch.no_grad()

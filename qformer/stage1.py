@@ -12,7 +12,9 @@ Work reused across passes (BLIP-2's original code recomputes it):
 * the queries' self-attention K/V from that pass feed the ITG decoder directly;
 * only the rows chosen as negatives cross ranks (:func:`qformer.distributed.gather_rows`);
 * negatives are drawn in one batched ``torch.multinomial`` call;
-* ITG vocabulary logits are computed only at positions that have a target.
+* ITG vocabulary logits are computed only at positions that have a target;
+* work no loss reads is skipped: the last layer of the ITM pass computes only the query
+  rows (ITM averages their head), that of the text-only pass only [CLS] (ITC's feature).
 """
 
 from __future__ import annotations
@@ -156,7 +158,9 @@ class Stage1Objective(nn.Module):
             raise ValueError(f"batch has {b} images but {input_ids.shape[0]} captions")
 
         # Pass (a): queries x image, keeping each layer's query K/V for ITG. Pass (b): text alone.
-        feats = model(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask, return_query_kv=True)
+        # ITC reads only [CLS] of pass (b), so its last layer computes only that row.
+        feats = model(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask,
+                      return_query_kv=True, text_cls_only=True)
 
         # ---------------- ITC
         itc = losses.itc_loss(

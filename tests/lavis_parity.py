@@ -93,7 +93,11 @@ def stage1_parity(oracle_dir: Path, *, padding: str = "max_length") -> dict[str,
     ]:
         d(name, ours, ref[name])
     real = mask.bool()
-    d("text_output_last_hidden_state", f.text_hidden[real], ref["text_output_last_hidden_state"][:, :length][real])
+    # The objective's text pass computes only [CLS] in its last layer; the full encoder all rows.
+    d("text_output_last_hidden_state[CLS]", f.text_hidden[:, 0], ref["text_output_last_hidden_state"][:, 0])
+    with torch.no_grad():
+        full = model.encode_text(ids, mask)
+    d("text_output_last_hidden_state", full[real], ref["text_output_last_hidden_state"][:, :length][real])
     d("vit_out", model.vision(inputs["image"]), ref["vit_out"])
     # LM logits at the positions that predict a real token (ours computes only those)
     from qformer import losses

@@ -181,6 +181,46 @@ def test_gradient_checkpointing_same_outputs_and_grads():
         assert torch.allclose(outs[0][1][k], outs[1][1][k], atol=1e-5), k
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_output_rows_equal_the_full_pass_rows_with_gradients(checkpointing):
+    """output_rows (ITM: the queries; ITC: [CLS]) gives the full pass's first rows, and the
+    same gradients as a loss on those rows of the full pass -- in every mode."""
+    cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
+    ours = MED(cfg).train()
+    randomize_(ours, 7)
+    ours.set_gradient_checkpointing(checkpointing)
+    ids, mask, queries, image = inputs(5)
+    qmask = torch.cat([torch.ones(3, Q, dtype=torch.long), mask], 1)
+    cases = {
+        "itm: queries of [queries ; text]": (dict(input_ids=ids, query_embeds=queries, attention_mask=qmask), Q),
+        "itc: [CLS] of text": (dict(input_ids=ids, attention_mask=mask), 1),
+        "some text rows too": (dict(input_ids=ids, query_embeds=queries, attention_mask=qmask), Q + 4),
+        "causal": (dict(input_ids=ids, query_embeds=queries, attention_mask=qmask, causal=True), Q + 2),
+        "query-only": (dict(query_embeds=queries), 2),
+    }
+    for name, (kw, rows) in cases.items():
+        grads = []
+        for output_rows in (None, rows):
+            ours.zero_grad()
+            if "query_embeds" in kw:
+                kw["image_kv"] = ours.image_kv(image)
+            h = ours(**kw, output_rows=output_rows).hidden
+            if output_rows is None:
+                full = h[:, :rows]
+                h = full
+            assert h.shape[1] == rows, name
+            (h * torch.linspace(-1, 1, D)).sum().backward()
+            grads.append((h.detach(), {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}))
+        (h0, g0), (h1, g1) = grads
+        torch.testing.assert_close(h1, h0, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        assert set(g1) <= set(g0), name
+        for k in g0:  # parameters the kept rows never reach get no gradient (the full pass: zeros)
+            torch.testing.assert_close(g1.get(k, torch.zeros_like(g0[k])), g0[k], rtol=1e-5, atol=5e-5,
+                                       msg=lambda m: f"{name}: {k}: {m}")
+    with pytest.raises(ValueError, match="output_rows"):
+        ours(input_ids=ids, attention_mask=mask, output_rows=ids.shape[1] + 1)
+
+
 def test_dropout_is_active_in_training_and_off_in_eval():
     cfg = tiny_config()
     m = MED(cfg)

@@ -505,7 +505,7 @@ def encode_texts(
         ids, mask = input_ids[s : s + batch_size], attention_mask[s : s + batch_size]
         width = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else mask.shape[1]
         ids, mask = ids[:, :width].to(model.device), mask[:, :width].to(model.device)
-        out.append(model.text_features(model.encode_text(ids, mask)).float())
+        out.append(model.text_features(model.encode_text(ids, mask, cls_only=True)).float())
     return torch.cat(out)
 
 
