@@ -36,14 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-# libgomp's default wait policy spins idle OpenMP threads; on this shared 2-core machine a spinning
-# thread competes with the working one as soon as another job runs, and every parallel region then
-# waits for a descheduled thread (a 200k-element add_ took 8-16 ms instead of 12 us, a 512x384x384
-# matmul 16-32 ms instead of 0.8 ms, while two foreign threads were busy). Passive waiting makes the
-# slowdown proportional to the CPU share lost, hence the same for both sides of a comparison. It is
-# set here, before torch is imported by any benchmark process, and inherited by every worker.
-# BENCH_OMP_WAIT_POLICY=default keeps libgomp's own default.
-OMP_WAIT_POLICY = os.environ.get("BENCH_OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP wait policy. Default: libgomp's own (idle threads spin briefly, then sleep) -- what users
+# get, so what the tables report. BENCH_OMP_WAIT_POLICY=PASSIVE (threads sleep at once) makes timings
+# robust when other jobs share the cores (with spinning threads, one foreign busy thread can make every
+# parallel region wait for a descheduled thread: 2-10x slower steps), but it charges a thread wake-up to
+# every parallel region, so it penalises a program made of many small ops more than one of few large
+# ones (measured: our stage-1 step 1.36x slower under PASSIVE, LAVIS's 1.0-1.1x). It is set here, before
+# torch is imported by any benchmark process, and inherited by every worker.
+OMP_WAIT_POLICY = os.environ.get("BENCH_OMP_WAIT_POLICY", "default")
 if OMP_WAIT_POLICY != "default":
     os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
 

@@ -88,10 +88,21 @@ def worker(args) -> None:
         C.timed(lambda: generate(mode), max(0, args.warmup - 1))
     baseline = C.rss_bytes()
     C.reset_peak_rss()
+
+    def profile(path, title, mode):
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof_ctx
+
+        with prof_ctx(activities=[ProfilerActivity.CPU]) as p:
+            generate(mode)
+        C.write_profile(p, Path(path), title=title)
+        return {"path": path}
+
     C.serve({
         "gen": lambda n, mode: C.timed_block(lambda: generate(mode), n),
         "tokens": lambda: tokens,
         "finish": lambda: C.memory_report(baseline, floor),
+        "profile": profile,
     })
 
 
@@ -125,6 +136,12 @@ def run(args) -> C.Section:
             times[mode] = C.alternate(workers, rounds=args.rounds, steps=args.steps, cmd="gen", mode=mode,
                                        quiet_wait=args.quiet_wait)
         fin = {w.name: w.call("finish") for w in workers}
+        if not args.no_profile:
+            for w in workers:
+                for mode in MODES:
+                    path = C.PROFILE_DIR / f"generation_{mode}_{w.name}.txt"
+                    w.call("profile", path=str(path), mode=mode,
+                           title=f"generate, {mode}, batch {BATCH}, {NEW_TOKENS} tokens, {w.name}: top ops by self CPU time")
     finally:
         for w in workers:
             w.close()

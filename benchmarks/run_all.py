@@ -16,6 +16,7 @@ one table per benchmark (ratios and absolute numbers), and pointers to the profi
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -60,12 +61,15 @@ inputs, warm-up steps first, then timed blocks alternated A B ... B A; tables gi
 interquartile range). Peak RSS is the kernel's high-water mark of each side's process, reset after
 warm-up (`/proc/self/clear_refs`), so it covers model, optimizer state and the steps' activations.
 
-**Shared machine.** Other engineers' jobs run on the same 2 cores. With 2 OpenMP threads, one foreign
+**Shared machine.** Other engineers' jobs may run on the same 2 cores. With 2 OpenMP threads, one foreign
 busy thread makes every parallel region wait for a descheduled thread and a step gets 2-10x slower, and
 not uniformly: a step made of more, smaller, parallel regions loses more. Each timed block therefore
 records the CPU time other processes used meanwhile; the parent waits (a bounded time) for quiet before
 each block, and the statistics use the quiet blocks ("blocks: q/n quiet") when at least half are quiet.
-Rerun (or raise `--rounds`) when a table says most blocks were contended.
+Rerun (or raise `--rounds`) when a table says most blocks were contended. `BENCH_OMP_WAIT_POLICY=PASSIVE`
+makes idle OpenMP threads sleep at once: steadier under contention, but every parallel region then pays a
+thread wake-up, which slows a step of many small ops (ours) more than one of fewer, larger ops (LAVIS):
+the tables use libgomp's default, what a user's run gets.
 """
 
 
@@ -149,9 +153,14 @@ def main(argv=None) -> int:
                    help="seconds to wait for other processes to go quiet before each timed block (default %(default)s)")
     p.add_argument("--readme-only", action="store_true", help="only rebuild README.md from benchmarks/results/")
     args = p.parse_args(argv)
-    info = C.machine_info()
+    run_file = C.RESULTS_DIR / "run.json"  # the machine and durations of the last full run
     durations: dict[str, float] = {}
     failures: dict[str, int] = {}
+    if args.readme_only and run_file.exists():
+        last = json.loads(run_file.read_text())
+        info, durations, failures = last["info"], last["durations"], last["failures"]
+    else:
+        info = C.machine_info()
     if not args.readme_only:
         for name in args.only:
             rc, dt = run_benchmark(name, args.quick, args.quiet_wait, [])
@@ -159,6 +168,8 @@ def main(argv=None) -> int:
             if rc:
                 failures[name] = rc
                 C.log(f"run_all: {name} failed with exit code {rc}")
+        C.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(dict(info=info, durations=durations, failures=failures), indent=1))
     readme = write_readme(info, durations, failures)
     C.log(f"run_all: wrote {readme} ({sum(durations.values()):.0f} s)")
     return 1 if failures else 0

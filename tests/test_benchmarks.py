@@ -68,3 +68,27 @@ def test_retrieval_scaling_smoke(tmp_path, monkeypatch):
     assert set(sizes) == {12, 24}
     assert all(0 < v["pairs"] <= 2 * n * 3 for n, v in sizes.items())
     assert (tmp_path / "results" / "retrieval_scaling.json").exists()
+
+
+def test_readme_only_rebuild_keeps_the_runs_machine_and_embeds_the_analysis(tmp_path, monkeypatch):
+    import json
+
+    import run_all
+
+    results, profiles = tmp_path / "results", tmp_path / "profiles"
+    results.mkdir()
+    profiles.mkdir()
+    monkeypatch.setattr(C, "BENCH_DIR", tmp_path)
+    monkeypatch.setattr(C, "RESULTS_DIR", results)
+    monkeypatch.setattr(C, "PROFILE_DIR", profiles)
+    sec = C.Section(title="Generation: x", intro="intro")
+    sec.goal("generation (greedy) ≥ 1.2x transformers with identical tokens", "1.26x", True)
+    sec.save("generation")
+    (tmp_path / "analysis.md").write_text("## Why the missed goals are missed\n\nbecause.\n")
+    info = dict(C.machine_info(with_lavis=False), date="2000-01-02 03:04")
+    (results / "run.json").write_text(json.dumps(dict(info=info, durations={"generation": 12.0}, failures={})))
+    assert run_all.main(["--readme-only"]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "- Date: 2000-01-02 03:04" in text and "generation 12 s" in text
+    assert "| generation (greedy) ≥ 1.2x transformers with identical tokens | 1.26x | **met** |" in text
+    assert text.index("## Goals") < text.index("## Why the missed goals are missed") < text.index("## Generation: x")
