@@ -4,7 +4,9 @@ optional LoRA through peft) and the few operations BLIP-2 needs from it.
 Any transformers causal LM (OPT, GPT-2, LLaMA, Qwen, ...) or seq2seq LM (T5 / FlanT5, BART,
 ...) works: the soft prompts are passed as ``inputs_embeds``. For causal LMs the vocabulary
 logits are computed only at positions that have a label (never over the query slots or the
-prompt), through the model's own base model and output head.
+prompt), through the model's own base model and output head. LLMs loaded here get
+:class:`VocabHead` as their output head: the same weights, with a faster CPU path for the few
+rows of a decoding step.
 """
 
 from __future__ import annotations
