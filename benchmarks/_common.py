@@ -547,6 +547,17 @@ def write_profile(prof, path: Path, *, title: str, row_limit: int = 30) -> Path:
     return path
 
 
+def profile_call(fn, path, *, title: str) -> dict[str, str]:
+    """Run ``fn()`` once under ``torch.profiler`` (CPU) and write its top operators to ``path``
+    (a worker's "profile" command)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        fn()
+    write_profile(p, Path(path), title=title)
+    return {"path": str(path)}
+
+
 def common_arguments(parser, *, rounds: int, steps: int, warmup: int) -> None:
     parser.add_argument("--rounds", type=int, default=rounds, help="ABBA rounds (default %(default)s)")
     parser.add_argument("--steps", type=int, default=steps, help="timed steps per side per round (default %(default)s)")

@@ -88,21 +88,11 @@ def worker(args) -> None:
         C.timed(lambda: generate(mode), max(0, args.warmup - 1))
     baseline = C.rss_bytes()
     C.reset_peak_rss()
-
-    def profile(path, title, mode):
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as prof_ctx
-
-        with prof_ctx(activities=[ProfilerActivity.CPU]) as p:
-            generate(mode)
-        C.write_profile(p, Path(path), title=title)
-        return {"path": path}
-
     C.serve({
         "gen": lambda n, mode: C.timed_block(lambda: generate(mode), n),
         "tokens": lambda: tokens,
         "finish": lambda: C.memory_report(baseline, floor),
-        "profile": profile,
+        "profile": lambda path, title, mode: C.profile_call(lambda: generate(mode), path, title=title),
     })
 
 

@@ -123,19 +123,10 @@ def _serve_steps(step, floor: int, extra_finish) -> None:
     baseline = C.rss_bytes()
     C.reset_peak_rss()
 
-    def profile(path, title):
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as prof_ctx
-
-        with prof_ctx(activities=[ProfilerActivity.CPU]) as p:
-            step()
-        C.write_profile(p, Path(path), title=title)
-        return {"path": path}
-
     C.serve({
         "steps": lambda n: C.timed_block(step, n),
         "finish": lambda: dict(C.memory_report(baseline, floor), **extra_finish()),
-        "profile": profile,
+        "profile": lambda path, title: C.profile_call(step, path, title=title),
     })
 
 

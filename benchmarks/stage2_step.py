@@ -152,16 +152,8 @@ def worker(args) -> None:
     def finish():
         return dict(C.memory_report(baseline, floor), eval_loss=loss0, loss=float(state["loss"]), trainable_params=n_train)
 
-    def profile(path, title):
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as prof_ctx
-
-        with prof_ctx(activities=[ProfilerActivity.CPU]) as p:
-            step()
-        C.write_profile(p, Path(path), title=title)
-        return {"path": path}
-
-    C.serve({"steps": lambda n: C.timed_block(step, n), "finish": finish, "profile": profile})
+    C.serve({"steps": lambda n: C.timed_block(step, n), "finish": finish,
+             "profile": lambda path, title: C.profile_call(step, path, title=title)})
 
 
 def run(args) -> C.Section:

@@ -92,3 +92,11 @@ def test_readme_only_rebuild_keeps_the_runs_machine_and_embeds_the_analysis(tmp_
     assert "- Date: 2000-01-02 03:04" in text and "generation 12 s" in text
     assert "| generation (greedy) ≥ 1.2x transformers with identical tokens | 1.26x | **met** |" in text
     assert text.index("## Goals") < text.index("## Why the missed goals are missed") < text.index("## Generation: x")
+
+
+def test_profile_call_writes_the_top_operators(tmp_path):
+    import torch
+
+    out = C.profile_call(lambda: torch.ones(64, 64) @ torch.ones(64, 64), tmp_path / "p.txt", title="a title")
+    text = (tmp_path / "p.txt").read_text()
+    assert out == {"path": str(tmp_path / "p.txt")} and text.startswith("a title") and "aten::mm" in text

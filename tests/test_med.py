@@ -204,10 +204,7 @@ def test_output_rows_equal_the_full_pass_rows_with_gradients(checkpointing):
             ours.zero_grad()
             if "query_embeds" in kw:
                 kw["image_kv"] = ours.image_kv(image)
-            h = ours(**kw, output_rows=output_rows).hidden
-            if output_rows is None:
-                full = h[:, :rows]
-                h = full
+            h = ours(**kw, output_rows=output_rows).hidden[:, :rows]  # the full pass: its first rows
             assert h.shape[1] == rows, name
             (h * torch.linspace(-1, 1, D)).sum().backward()
             grads.append((h.detach(), {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}))
