@@ -14,19 +14,32 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from .errors import ConfigError
+
 # CLIP's normalisation, used by EVA-CLIP, CLIP and BLIP-2 alike.
 OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ConfigError(ValueError):
-    """A config field has a value that cannot work; the message names the field."""
+#: The dtype names configs use, and the torch dtypes they stand for (the one map in qformer).
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _from_dict(cls, data: dict[str, Any], where: str):
-    """Build dataclass ``cls`` from ``data``, refusing unknown fields by name."""
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; a clear error for anything else."""
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _from_dict(cls, data: dict[str, Any], where: str, *, legacy: frozenset[str] = frozenset()):
+    """Build dataclass ``cls`` from ``data``, refusing unknown fields by name. Keys in ``legacy``
+    (fields of older versions, written into saved configs) are accepted and ignored."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    data = {k: v for k, v in data.items() if k not in legacy}
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -69,7 +82,7 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if self.backend not in ("timm", "hf"):
             raise ConfigError(f"vision.backend must be 'timm' or 'hf', got {self.backend!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             raise ConfigError(f"vision.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ConfigError("vision.mean and vision.std must have 3 entries (RGB)")
@@ -111,7 +124,6 @@ class QFormerConfig:
     # False: the stage-2-only Q-Former of transformers' Blip2ForConditionalGeneration and
     # LAVIS's Blip2OPT/T5 (no word/position embeddings, no text FFNs, no LM head).
     text_input: bool = True
-    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -131,7 +143,8 @@ class QFormerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QFormerConfig":
-        return _from_dict(cls, data, "qformer config")
+        # gradient_checkpointing moved to the training config (one knob): older saved configs carry it.
+        return _from_dict(cls, data, "qformer config", legacy=frozenset({"gradient_checkpointing"}))
 
 
 @dataclass(kw_only=True)
@@ -144,8 +157,9 @@ class LLMConfig:
 
     path: str | None = None
     hf_config: dict[str, Any] | None = None
-    # Frozen weights' dtype: "bfloat16" (fast and safe on this project's CPUs and on GPUs),
-    # "float32" or "float16". Ignored for the quantised layers.
+    # Frozen weights' dtype: "bfloat16" (half the memory of fp32 and, unlike fp16, the same
+    # exponent range: no overflow in a frozen LLM), "float32" or "float16". Ignored for the
+    # quantised layers.
     dtype: str = "bfloat16"
     quantization: str | None = None  # None, "8bit", "4bit" (nf4) or "4bit-fp4"
     lora: dict[str, Any] | None = None  # peft.LoraConfig fields; None keeps the LLM fully frozen
@@ -162,7 +176,7 @@ class LLMConfig:
     def __post_init__(self) -> None:
         if (self.path is None) == (self.hf_config is None):
             raise ConfigError("llm: give exactly one of llm.path (from_pretrained) and llm.hf_config (build from config)")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             raise ConfigError(f"llm.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization not in (None, "8bit", "4bit", "4bit-fp4"):
             raise ConfigError(f"llm.quantization must be None, '8bit', '4bit' or '4bit-fp4', got {self.quantization!r}")

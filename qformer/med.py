@@ -36,6 +36,36 @@ from transformers.activations import ACT2FN
 from .config import QFormerConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (B, H, N, Dh) keys and values
+ImageKV = list[KV | None]  # per Q-Former layer: the image's cross-attention K/V (None: no cross-attention)
+
+
+# ---------------------------------------------------------------------------- per-row K/V plumbing
+# The image K/V of :meth:`MED.image_kv` are computed once per image and then paired with other
+# texts (ITM negatives, retrieval candidates) by indexing rows; these keep the layer structure.
+def index_kv(image_kv: ImageKV, index: torch.Tensor) -> ImageKV:
+    """Rows ``index`` (N,) of every layer's K/V: pair each output row with image ``index[i]``."""
+    return [None if kv is None else (kv[0][index], kv[1][index]) for kv in image_kv]
+
+
+def expand_kv(image_kv: ImageKV, n: int) -> ImageKV:
+    """One image's K/V (batch 1) viewed as ``n`` rows, without a copy."""
+    return [None if kv is None else tuple(t.expand(n, *t.shape[1:]) for t in kv) for kv in image_kv]
+
+
+def cat_kv(*parts: ImageKV) -> ImageKV:
+    """Concatenate the rows of several K/V lists, layer by layer."""
+    return [
+        None if layer[0] is None else (torch.cat([p[0] for p in layer]), torch.cat([p[1] for p in layer]))
+        for layer in zip(*parts)
+    ]
+
+
+def put_kv(image_kv: ImageKV, rows: torch.Tensor, values: ImageKV) -> ImageKV:
+    """A copy of ``image_kv`` with ``rows`` (R,) replaced by ``values`` (R rows per layer), differentiably."""
+    return [
+        None if kv is None else (kv[0].index_put((rows,), v[0]), kv[1].index_put((rows,), v[1]))
+        for kv, v in zip(image_kv, values)
+    ]
 
 
 class MEDAttention(nn.Module):
@@ -79,9 +109,9 @@ class MEDAttention(nn.Module):
         k, v = kv
         dropout = self.attention_dropout if self.training else 0.0
         if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-            # On CPU, SDPA's flash kernel is 2-5x slower than its math kernel in bf16 for the
-            # short sequences of a Q-Former (its backward dominated a training step); in
-            # fp32 the flash kernel is the faster one. See benchmarks/README.md.
+            # On CPU, SDPA's flash kernel is slower than its math kernel in bf16 for the short
+            # sequences of a Q-Former (its backward dominated a training step); in fp32 the
+            # flash kernel is the faster one. Measured in benchmarks/ (stage-1 step profiles).
             with sdpa_kernel(SDPBackend.MATH):
                 ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         else:
@@ -274,7 +304,7 @@ class MED(nn.Module):
         self.embeddings = MEDEmbeddings(config)
         self.layers = nn.ModuleList([MEDLayer(config, i) for i in range(config.num_layers)])
         self.lm_head = MEDLMHead(config) if config.text_input else None
-        self.gradient_checkpointing = config.gradient_checkpointing
+        self.gradient_checkpointing = False  # set by the training recipe (TrainConfig.gradient_checkpointing)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -299,7 +329,7 @@ class MED(nn.Module):
     def cross_attention_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if layer.cross_attn is not None]
 
-    def image_kv(self, image_embeds: torch.Tensor) -> list[KV | None]:
+    def image_kv(self, image_embeds: torch.Tensor) -> ImageKV:
         """Cross-attention keys/values of every cross-attention layer for ``image_embeds``
         (B, N, C). They depend only on the image and the layer: compute once per step and
         pass to every query pass (index rows to pair images with other texts)."""
@@ -392,6 +422,7 @@ class MED(nn.Module):
 
 __all__ = [
     "KV",
+    "ImageKV",
     "MED",
     "MEDAttention",
     "MEDEmbeddings",
@@ -400,4 +431,8 @@ __all__ = [
     "MEDLMHead",
     "MEDOutput",
     "build_attention_mask",
+    "cat_kv",
+    "expand_kv",
+    "index_kv",
+    "put_kv",
 ]
