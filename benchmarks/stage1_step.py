@@ -194,7 +194,7 @@ def lavis_worker(args) -> None:
 def our_config(cfg: dict, *, vision_dtype: str = "float32"):
     """qformer's Blip2Config for LAVIS's hyper-parameters (as tests/lavis_parity.py)."""
     from qformer import Blip2Config, QFormerConfig
-    from qformer.vision import lavis_eva_vision_config
+    from qformer.persistence import lavis_eva_vision_config
 
     bert = cfg["qformer_bert"]
     return Blip2Config(

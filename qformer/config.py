@@ -169,9 +169,12 @@ class LLMConfig:
     text_mode: str = "prompt"
     prompt: str = ""  # e.g. "a photo of" for caption fine-tuning
     max_txt_len: int = 32
-    # Appended to causal-LM captions; its token ends generation (OPT's "\n" in BLIP-2).
-    # None: use the tokenizer's eos token instead.
+    # Appended to causal-LM captions in training; its token ends generation (OPT's "\n" in
+    # BLIP-2). None: the tokenizer's eos token instead.
     end_of_text: str | None = "\n"
+    # The token id(s) that end generation, when a checkpoint says so (a transformers BLIP-2's
+    # generation / text config). None: derived from end_of_text (see qformer.llm.end_of_text_ids).
+    eos_token_id: int | list[int] | None = None
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.hf_config is None):

@@ -1,7 +1,7 @@
-"""Cross-rank gathers for the stage-1 losses.
+"""Cross-rank communication: the one set of helpers the losses, data loading and evaluation use.
 
 Every function takes ``world_size`` explicitly and is a no-op (or a plain local operation)
-when it is 1, so the losses run on one device with no process group at all.
+when it is 1, so everything runs on one device with no process group at all.
 
 * :func:`all_gather_with_grad` — concatenates every rank's rows; the backward sends each
   rank the summed gradient of its own rows, so W ranks with B samples each give exactly
@@ -10,9 +10,13 @@ when it is 1, so the losses run on one device with no process group at all.
   no gradient, not even for the local rows.
 * :func:`gather_rows` — fetches chosen rows (by global index) from whichever rank owns
   them, with gradient, moving only those rows (used for ITM hard negatives).
+* :func:`gather_objects` / :func:`gather_dict` — small Python objects (reports, predictions).
+* :func:`all_gather_uneven` / :func:`broadcast_` — evaluation's score slices and candidate sets.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +27,52 @@ def dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def resolve_dist(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``rank`` / ``world_size`` as given, else the process group's; checked for consistency."""
+    default_rank, default_world = dist_info()
+    rank = default_rank if rank is None else rank
+    world_size = default_world if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"world_size={world_size} needs an initialised torch.distributed process group")
+    return rank, world_size
+
+
+def gather_objects(obj: Any, *, world_size: int) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` on one process."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_dict(part: dict[Any, Any], *, world_size: int) -> dict[Any, Any]:
+    """Merge every rank's ``{id: value}``; the identity on one process."""
+    if world_size == 1:
+        return part
+    return {k: v for p in gather_objects(part, world_size=world_size) for k, v in p.items()}
+
+
+def broadcast_(tensor: torch.Tensor, *, src: int = 0, world_size: int) -> torch.Tensor:
+    """Overwrite ``tensor`` on every rank with rank ``src``'s (in place); no-op on one process."""
+    if world_size > 1:
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def all_gather_uneven(local: torch.Tensor, sizes: list[int], *, world_size: int) -> torch.Tensor:
+    """Concatenate every rank's 1-D ``local`` whose lengths are ``sizes`` (known to all ranks)."""
+    if world_size == 1:
+        return local
+    padded = local.new_zeros(max(sizes))
+    padded[: local.numel()] = local
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
 
 
 class _AllGather(torch.autograd.Function):

@@ -122,6 +122,13 @@ def remove_stale_temps(folder: str | os.PathLike, name: str) -> list[Path]:
     return removed
 
 
+def cache_root() -> Path:
+    """Where qformer caches what it builds once (toy backbones, extracted LLMs):
+    ``$QFORMER_CACHE`` if set, else ``~/.cache/qformer``."""
+    env = os.environ.get("QFORMER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "qformer"
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id exists (on this machine)."""
     try:
@@ -139,6 +146,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_lines",
     "atomic_write_text",
+    "cache_root",
     "current_umask",
     "json_safe",
     "pid_alive",

@@ -16,13 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError, LLMConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
+from .config import ConfigError, LLMConfig, torch_dtype
 
 
 def _quantization_config(cfg: LLMConfig):
@@ -40,7 +34,7 @@ def _quantization_config(cfg: LLMConfig):
     )
 
 
-def _auto_class(hf_config) -> type:
+def auto_class(hf_config) -> type:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     return AutoModelForSeq2SeqLM if getattr(hf_config, "is_encoder_decoder", False) else AutoModelForCausalLM
@@ -50,12 +44,11 @@ class VocabHead(nn.Linear):
     """The LLM's output head (``nn.Linear`` over the vocabulary) with a faster CPU decode path.
 
     For a vocabulary-sized fp32 weight and the handful of rows a decoding step has (batch x
-    beams), MKL computes ``x @ W.T`` 1.2-2.7x slower than the same product taken as
-    ``(W @ x.T).T`` (measured on this project's CPUs: (8 x 512) @ (512 x 50272) 15 ms vs
-    7 ms; see benchmarks/README.md, "Generation"). That path is used only where it was
-    measured to win -- CPU, fp32, at most :attr:`FAST_ROWS` rows, no autograd -- and
-    computes the same fp32 products (rounding differs from ``F.linear`` at the 1e-7
-    relative level). Training, bf16/fp16, GPUs and long prompts take ``nn.Linear``'s path.
+    beams), MKL computes ``x @ W.T`` markedly slower than the same product taken as
+    ``(W @ x.T).T`` (the figures are in benchmarks/README.md, "Generation"). That path is used
+    only where it was measured to win -- CPU, fp32, at most :attr:`FAST_ROWS` rows, no
+    autograd -- and computes the same fp32 products (rounding differs from ``F.linear`` at the
+    1e-7 relative level). Training, bf16/fp16, GPUs and long prompts take ``nn.Linear``'s path.
     Parameters and state-dict keys are ``nn.Linear``'s (tied weights stay tied).
     """
 
@@ -124,12 +117,12 @@ def load_llm(cfg: LLMConfig, *, path: str | None = None) -> nn.Module:
         kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=False)
         if quant is not None:
             kwargs["quantization_config"] = quant
-        model = _auto_class(hf_config).from_pretrained(source, **kwargs)
+        model = auto_class(hf_config).from_pretrained(source, **kwargs)
     else:
         hf_config = hf_config_of(cfg)
         if quant is not None:
             raise ConfigError("llm.quantization needs weights to quantise: set llm.path, not llm.hf_config")
-        model = _auto_class(hf_config).from_config(hf_config, dtype=dtype)
+        model = auto_class(hf_config).from_config(hf_config, dtype=dtype)
     model.requires_grad_(False)
     model.eval()
     use_vocab_head(model)
@@ -157,6 +150,55 @@ def is_encoder_decoder(model: nn.Module) -> bool:
 
 def input_embeddings(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return base_llm(model).get_input_embeddings()(input_ids)
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the LLM's input embeddings (what soft prompts are cast to)."""
+    return base_llm(model).get_input_embeddings().weight.dtype
+
+
+def load_llm_tokenizer(cfg: LLMConfig, path: str | None = None):
+    """The LLM's tokenizer from ``path`` or ``cfg.path`` (never ``trust_remote_code``)."""
+    source = path or cfg.path
+    if source is None:
+        raise ConfigError("an LLM built from llm.hf_config needs its tokenizer: pass Blip2(config, llm_tokenizer=...)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
+
+
+def end_of_text_ids(tokenizer, cfg: LLMConfig, *, encoder_decoder: bool = False) -> list[int]:
+    """The token id(s) that end a generated text.
+
+    In order: ``cfg.eos_token_id`` (what a loaded checkpoint says: transformers' generation
+    config or text config); for a causal LM, the single token of ``cfg.end_of_text`` (OPT's
+    "\\n" in BLIP-2's own training); else the tokenizer's eos token (a seq2seq decoder's
+    target always ends with it)."""
+    if cfg.eos_token_id is not None:
+        ids = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+        return [int(i) for i in ids]
+    if cfg.end_of_text is None or encoder_decoder:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError("the LLM tokenizer has no eos token: set llm.end_of_text or llm.eos_token_id")
+        return [tokenizer.eos_token_id]
+    ids = tokenizer(cfg.end_of_text, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ConfigError(
+            f"llm.end_of_text={cfg.end_of_text!r} is {len(ids)} tokens for this LLM's tokenizer ({ids}); it must be one "
+            "token to end generation. Set llm.end_of_text: null to end texts with the tokenizer's eos token "
+            f"({tokenizer.eos_token!r}), or llm.eos_token_id to the id(s) that end them"
+        )
+    return ids
+
+
+def checkpoint_eos_ids(generation_config: dict | None, text_config: dict | None) -> list[int] | None:
+    """The eos id(s) a transformers checkpoint generates until: its generation config's
+    ``eos_token_id``, else its text config's; None when neither says."""
+    for source in (generation_config or {}, text_config or {}):
+        eos = source.get("eos_token_id")
+        if eos is not None:
+            return [int(i) for i in eos] if isinstance(eos, list) else [int(eos)]
+    return None
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -198,10 +240,13 @@ __all__ = [
     "causal_logits_at",
     "hf_config_of",
     "hidden_size",
+    "checkpoint_eos_ids",
+    "end_of_text_ids",
+    "input_dtype",
     "input_embeddings",
     "is_encoder_decoder",
     "load_llm",
-    "torch_dtype",
+    "load_llm_tokenizer",
     "use_vocab_head",
     "VocabHead",
 ]

@@ -1,6 +1,6 @@
 """Stage 1: ITC + ITM + ITG with equal weights, one frozen-ViT pass per image.
 
-:class:`Stage1Objective` wraps a :class:`~qformer.model.Blip2` so that a whole training step
+:class:`Stage1Objective` wraps a :class:`~qformer.model.Blip2Model` so that a whole training step
 (every Q-Former pass) happens inside one ``forward`` — which is what DDP, FSDP and
 DeepSpeed need to synchronise gradients. It only orchestrates: features come from the
 model's methods, losses from the pure functions in :mod:`qformer.losses`.
@@ -19,16 +19,59 @@ Work reused across passes (BLIP-2's original code recomputes it):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import losses
+from .config import ConfigError, _from_dict
 from .distributed import all_reduce_max, dist_info, gather_rows
-from .med import KV
-from .model import Blip2, Blip2Features
+from .med import ImageKV, cat_kv, index_kv, put_kv
+from .model import Blip2Features, Blip2Model
+
+
+@dataclass(kw_only=True)
+class Stage1Config:
+    """What a stage-1 step optimises (an adapter card's ``stage1.objective`` section).
+
+    BLIP-2's defaults: ITC + ITM + ITG with weight 1 each, label smoothing 0.1 for ITC and ITG,
+    no temperature clamp (BLIP / ALBEF clamp it to [0.001, 0.5] after each step).
+    """
+
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    itg_weight: float = 1.0
+    # ITM and ITG weights ramp linearly from 0 over this many optimizer steps (0: constant).
+    loss_ramp_steps: int = 0
+    itc_label_smoothing: float = 0.1
+    itg_label_smoothing: float = 0.1
+    # ITC gathers other ranks' features with gradient: W ranks x B samples are exactly one
+    # process on W*B. False reproduces LAVIS (gathered features carry no gradient).
+    gather_with_grad: bool = True
+    clamp_temperature: bool = False
+
+    def __post_init__(self) -> None:
+        if min(self.itc_weight, self.itm_weight, self.itg_weight) < 0:
+            raise ConfigError(f"stage-1 loss weights must be >= 0, got itc {self.itc_weight}, itm {self.itm_weight}, "
+                              f"itg {self.itg_weight}")
+        if self.loss_ramp_steps < 0:
+            raise ConfigError(f"loss_ramp_steps must be >= 0, got {self.loss_ramp_steps}")
+
+    def weights(self, step: int | None) -> tuple[float, float, float]:
+        """(itc, itm, itg) weights at optimizer step ``step`` (None: the full weights)."""
+        return stage1_loss_weights(step or 0, itc=self.itc_weight, itm=self.itm_weight, itg=self.itg_weight,
+                                   ramp_steps=0 if step is None else self.loss_ramp_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Stage1Config":
+        return _from_dict(cls, data, "stage1.objective")
 
 
 @dataclass
@@ -57,27 +100,16 @@ def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return x if x.shape[1] == length else F.pad(x, (0, length - x.shape[1]), value=value)
 
 
-def _index_kv(image_kv: list[KV | None], index: torch.Tensor) -> list[KV | None]:
-    return [None if kv is None else (kv[0][index], kv[1][index]) for kv in image_kv]
-
-
-def _cat_kv(*parts: list[KV | None]) -> list[KV | None]:
-    return [
-        None if layer[0] is None else (torch.cat([p[0] for p in layer]), torch.cat([p[1] for p in layer]))
-        for layer in zip(*parts)
-    ]
-
-
 def stage1_loss_weights(
     step: int, *, itc: float = 1.0, itm: float = 1.0, itg: float = 1.0, ramp_steps: int = 0
 ) -> tuple[float, float, float]:
     """(itc, itm, itg) weights at optimizer step ``step``: ITM and ITG ramp linearly from 0 to
     their value over the first ``ramp_steps`` steps (0: constant, as BLIP-2).
 
-    Why a ramp: a Q-Former trained from scratch (no BERT to start from, as in the toy world)
-    starts with queries that barely depend on the image; ITG then rewards using them as
-    image-independent memory, and ITC can sit at its chance level (ln B) for hundreds of
-    steps. Letting ITC lead for a few dozen steps makes the queries image-dependent first.
+    Why a ramp: a Q-Former trained from scratch (no BERT to start from) starts with queries
+    that barely depend on the image; ITG then rewards using them as image-independent memory,
+    and ITC can sit at its chance level (ln B) for hundreds of steps. Letting ITC lead for a
+    few dozen steps makes the queries image-dependent first.
     """
     if ramp_steps < 0:
         raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
@@ -89,33 +121,21 @@ class Stage1Objective(nn.Module):
     """``forward(batch) -> Stage1Output`` for BLIP-2 stage 1.
 
     Args:
-        model: the :class:`Blip2` to train.
-        itc_label_smoothing / itg_label_smoothing: 0.1 in BLIP-2.
-        gather_with_grad: ITC gathers other ranks' features with gradient (default), making
-            W ranks x B samples identical to one process on W*B; False reproduces LAVIS.
-        itc_weight / itm_weight / itg_weight: weights of the three losses in ``loss`` (BLIP-2:
-            1 each). The unweighted losses are reported either way.
+        model: the :class:`~qformer.model.Blip2Model` to train.
+        config: a :class:`Stage1Config` (default: BLIP-2's); keyword ``overrides`` replace its
+            fields (``Stage1Objective(model, gather_with_grad=False)``).
     """
 
-    def __init__(
-        self,
-        model: Blip2,
-        *,
-        itc_label_smoothing: float = 0.1,
-        itg_label_smoothing: float = 0.1,
-        gather_with_grad: bool = True,
-        itc_weight: float = 1.0,
-        itm_weight: float = 1.0,
-        itg_weight: float = 1.0,
-    ) -> None:
+    def __init__(self, model: Blip2Model, config: Stage1Config | None = None, **overrides: Any) -> None:
         super().__init__()
-        if min(itc_weight, itm_weight, itg_weight) < 0:
-            raise ValueError(f"loss weights must be >= 0, got itc {itc_weight}, itm {itm_weight}, itg {itg_weight}")
-        self.weights = (itc_weight, itm_weight, itg_weight)
+        config = config if config is not None else Stage1Config()
+        self.config = dataclasses.replace(config, **overrides) if overrides else config
         self.model = model
-        self.itc_label_smoothing = itc_label_smoothing
-        self.itg_label_smoothing = itg_label_smoothing
-        self.gather_with_grad = gather_with_grad
+
+    def after_optimizer_step(self, step: int) -> None:
+        """The loop's hook after each optimizer step: BLIP/ALBEF's temperature clamp, if asked."""
+        if self.config.clamp_temperature:
+            self.model.clamp_temperature_()
 
     def forward(
         self,
@@ -130,6 +150,7 @@ class Stage1Objective(nn.Module):
         world_size: int | None = None,
         generator: torch.Generator | None = None,
         negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+        step: int | None = None,
         loss_weights: tuple[float, float, float] | None = None,
     ) -> Stage1Output:
         """One stage-1 step on this rank's batch.
@@ -142,8 +163,9 @@ class Stage1Objective(nn.Module):
             rank / world_size: default to the process group's (or 0 / 1 without one).
             generator: RNG for the hard-negative draw (default: torch's global RNG).
             negatives: pin the draw: (neg_image_idx, neg_text_idx), global indices (B,) each.
-            loss_weights: (itc, itm, itg) for this step only (e.g. a ramp, see
-                :func:`stage1_loss_weights`); default: the constructor's weights.
+            step: optimizer steps done so far; the loss weights ramp with it
+                (``config.loss_ramp_steps``). None: the full weights.
+            loss_weights: (itc, itm, itg) for this step, overriding the config's.
         """
         if rank is None or world_size is None:
             rank, world_size = dist_info()
@@ -166,12 +188,12 @@ class Stage1Objective(nn.Module):
         itc = losses.itc_loss(
             feats.image_feats,
             feats.text_feats,
-            model.temp,
+            model.temperature,
             rank=rank,
             world_size=world_size,
             image_ids=image_ids,
-            label_smoothing=self.itc_label_smoothing,
-            gather_with_grad=self.gather_with_grad,
+            label_smoothing=self.config.itc_label_smoothing,
+            gather_with_grad=self.config.gather_with_grad,
         )
 
         # ---------------- ITM with hard negatives
@@ -190,7 +212,7 @@ class Stage1Objective(nn.Module):
         itm_logits = model.itm_logits(
             torch.cat([ids, ids, neg_ids]),
             torch.cat([mask, mask, neg_mask]),
-            _cat_kv(image_kv, neg_kv, image_kv),
+            cat_kv(image_kv, neg_kv, image_kv),
         )  # (3B, 2)
         loss_itm = losses.itm_loss(itm_logits)
 
@@ -200,11 +222,11 @@ class Stage1Objective(nn.Module):
         )
         hidden = model.decode_text(dec_ids, attention_mask, feats.image.query_kv)  # (B, L, D)
         positions, targets = losses.next_token_targets(labels)
-        logits = model.qformer.lm_logits(hidden[:, :-1][positions])  # (N, V)
-        loss_itg = losses.itg_loss(logits, targets, label_smoothing=self.itg_label_smoothing)
+        logits = model.lm_logits(hidden[:, :-1][positions])  # (N, V)
+        loss_itg = losses.itg_loss(logits, targets, label_smoothing=self.config.itg_label_smoothing)
 
         return Stage1Output(
-            loss=self._weighted(itc.loss, loss_itm, loss_itg, loss_weights),
+            loss=self._weighted(itc.loss, loss_itm, loss_itg, loss_weights or self.config.weights(step)),
             loss_itc=itc.loss,
             loss_itm=loss_itm,
             loss_itg=loss_itg,
@@ -216,34 +238,31 @@ class Stage1Objective(nn.Module):
             features=feats,
         )
 
-    def _weighted(self, itc: torch.Tensor, itm: torch.Tensor, itg: torch.Tensor,
-                  weights: tuple[float, float, float] | None) -> torch.Tensor:
-        w_itc, w_itm, w_itg = self.weights if weights is None else weights
+    @staticmethod
+    def _weighted(itc: torch.Tensor, itm: torch.Tensor, itg: torch.Tensor,
+                  weights: tuple[float, float, float]) -> torch.Tensor:
+        w_itc, w_itm, w_itg = weights
         return w_itc * itc + w_itm * itm + w_itg * itg  # x 1.0 is exact: BLIP-2's plain sum by default
 
     def _negative_image_kv(
         self,
         image_embeds: torch.Tensor,
-        image_kv: list[KV | None],
+        image_kv: ImageKV,
         neg_img: torch.Tensor,
         *,
         rank: int,
         world_size: int,
-    ) -> list[KV | None]:
+    ) -> ImageKV:
         """Cross-attention K/V of each text's negative image: local negatives reuse the
         cached K/V; negatives held by another rank are fetched (only those rows, with
         gradient) and projected once."""
         b = image_embeds.shape[0]
         if world_size == 1:
-            return _index_kv(image_kv, neg_img)
+            return index_kv(image_kv, neg_img)
         fetched = gather_rows(image_embeds, neg_img, rank=rank, world_size=world_size)  # (B, N, C)
         local = (neg_img // b) == rank
-        kv = _index_kv(image_kv, torch.where(local, neg_img - rank * b, 0))
+        kv = index_kv(image_kv, torch.where(local, neg_img - rank * b, 0))
         remote = (~local).nonzero().squeeze(1)
         if remote.numel() == 0:
             return kv
-        fresh = self.model.qformer.image_kv(fetched[remote])
-        return [
-            None if x is None else (x[0].index_put((remote,), f[0]), x[1].index_put((remote,), f[1]))
-            for x, f in zip(kv, fresh)
-        ]
+        return put_kv(kv, remote, self.model.image_kv(fetched[remote]))

@@ -4,8 +4,8 @@
   ``forward``): BLIP-2's label rules for causal LMs, prompt -> caption or the prefix-LM
   split for seq2seq LMs.
 * :class:`Stage2Objective` is one training step (wrap it in DDP / accelerate).
-* :func:`generation_inputs` builds the ``inputs_embeds`` that ``generate`` starts from,
-  padded on the side each LLM family needs (left for decoder-only, right for encoders).
+
+Generation from the same soft prompts is :mod:`qformer.generation`.
 
 Decoder-only layout (OPT; any causal LM)::
 
@@ -26,29 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LLMConfig
-from .llm import causal_logits_at, input_embeddings, is_encoder_decoder
+from .config import ConfigError, LLMConfig
+from .llm import causal_logits_at, end_of_text_ids, input_embeddings, is_encoder_decoder
+from .model import Blip2Model
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
-
-    from .model import Blip2
-
-# BLIP-2's zero-shot VQA prompts.
-VQA_PROMPT_CAUSAL = "Question: {} Answer:"
-VQA_PROMPT_SEQ2SEQ = "Question: {} Short answer:"
-
-
-def end_of_text_id(tokenizer: "PreTrainedTokenizerBase", cfg: LLMConfig) -> int:
-    """The token that ends a caption: OPT's "\\n" in BLIP-2, else the tokenizer's eos."""
-    if cfg.end_of_text is None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the LLM tokenizer has no eos token; set llm.end_of_text")
-        return tokenizer.eos_token_id
-    ids = tokenizer(cfg.end_of_text, add_special_tokens=False).input_ids
-    if len(ids) != 1:
-        raise ValueError(f"llm.end_of_text={cfg.end_of_text!r} must be exactly one token, got {ids}")
-    return ids[0]
 
 
 def split_prefix_lm(caption: str, generator: torch.Generator | None = None) -> tuple[str, str]:
@@ -89,10 +72,11 @@ class Stage2TextCollator:
         self.encoder_decoder = encoder_decoder
         self.generator = generator
         if config.text_mode == "prefix_lm" and not encoder_decoder:
-            raise ValueError("llm.text_mode='prefix_lm' needs an encoder-decoder LLM (T5); causal LMs use 'prompt'")
+            raise ConfigError("llm.text_mode='prefix_lm' needs an encoder-decoder LLM (T5); causal LMs use 'prompt'")
         if tokenizer.pad_token_id is None:
-            raise ValueError("the LLM tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+            raise ConfigError("the LLM tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
         if not encoder_decoder:
+            end_of_text_ids(tokenizer, config)  # a caption must end in a token generation can stop at
             self.eot = config.end_of_text if config.end_of_text is not None else tokenizer.eos_token
             # the prompt's length in tokens, BOS included (as LAVIS counts it)
             self.prompt_length = len(tokenizer(config.prompt).input_ids) if config.prompt else 0
@@ -143,25 +127,19 @@ class Stage2Output:
         return {"loss": self.loss.item()}
 
 
-def soft_prompts(model: "Blip2", image_embeds: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) image embeddings -> (B, Q, H_llm) soft prompts in the LLM's dtype."""
-    query_output = model.encode_image(image_embeds).query_output  # (B, Q, D)
-    prompts = model.language_projection(query_output)
-    from .llm import base_llm
-
-    return prompts.to(base_llm(model.llm).get_input_embeddings().weight.dtype)
-
-
 class Stage2Objective(nn.Module):
     """``forward(batch) -> Stage2Output``: next-token CE of the frozen LLM on the captions,
     conditioned on the projected query outputs. Batches come from :class:`Stage2TextCollator`
     plus ``pixel_values`` (or ``vision_features`` / ``image_embeds``)."""
 
-    def __init__(self, model: "Blip2") -> None:
+    def __init__(self, model: Blip2Model) -> None:
         super().__init__()
         if model.config.llm is None:
-            raise ValueError("Stage2Objective needs a model with an LLM (config.llm)")
+            raise ConfigError("Stage2Objective needs a model with an LLM (config.llm)")
         self.model = model
+
+    def after_optimizer_step(self, step: int) -> None:
+        """The loop's hook after each optimizer step: nothing to do in stage 2."""
 
     def forward(
         self,
@@ -174,11 +152,13 @@ class Stage2Objective(nn.Module):
         vision_features: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,  # accepted (and unused) so stage-1 batches fit
+        step: int | None = None,  # accepted (and unused): the loop passes every objective its step
+        generator: torch.Generator | None = None,  # accepted (and unused): no random draw in stage 2
     ) -> Stage2Output:
         model = self.model
         if image_embeds is None:
             image_embeds = model.embed_image(pixel_values, vision_features=vision_features)
-        prompts = soft_prompts(model, image_embeds)  # (B, Q, H)
+        prompts = model.soft_prompts(image_embeds)  # (B, Q, H)
         b, q = prompts.shape[:2]
         text = input_embeddings(model.llm, input_ids)  # (B, L, H)
         embeds = torch.cat([prompts.to(text.dtype), text], dim=1)
@@ -196,37 +176,4 @@ class Stage2Objective(nn.Module):
         return Stage2Output(loss=F.cross_entropy(logits.float(), targets), logits=logits, targets=targets)
 
 
-def generation_inputs(
-    model: "Blip2", image_embeds: torch.Tensor, prompts: Sequence[str]
-) -> dict[str, torch.Tensor]:
-    """``inputs_embeds`` / ``attention_mask`` for ``llm.generate``: soft prompts then each
-    text prompt. Decoder-only LLMs are LEFT padded (so every row ends in real tokens);
-    encoder inputs are right padded."""
-    tok = model.llm_tokenizer
-    soft = soft_prompts(model, image_embeds)  # (B, Q, H)
-    b, q, h = soft.shape
-    ids = [tok(p).input_ids for p in prompts]  # BOS / </s> as the tokenizer adds them
-    longest = max(len(x) for x in ids)
-    embeds = soft.new_zeros(b, q + longest, h)
-    mask = torch.zeros(b, q + longest, dtype=torch.long, device=soft.device)
-    left = not is_encoder_decoder(model.llm)
-    for i, row in enumerate(ids):
-        n = q + len(row)
-        start = q + longest - n if left else 0
-        text = input_embeddings(model.llm, torch.tensor([row], device=soft.device))[0] if row else soft.new_zeros(0, h)
-        embeds[i, start : start + n] = torch.cat([soft[i], text.to(soft.dtype)])
-        mask[i, start : start + n] = 1
-    return dict(inputs_embeds=embeds, attention_mask=mask)
-
-
-__all__ = [
-    "Stage2Objective",
-    "Stage2Output",
-    "Stage2TextCollator",
-    "VQA_PROMPT_CAUSAL",
-    "VQA_PROMPT_SEQ2SEQ",
-    "end_of_text_id",
-    "generation_inputs",
-    "soft_prompts",
-    "split_prefix_lm",
-]
+__all__ = ["Stage2Objective", "Stage2Output", "Stage2TextCollator", "split_prefix_lm"]

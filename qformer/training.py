@@ -1,37 +1,32 @@
-"""Training machinery shared by ``recipes/stage1.py`` and ``recipes/stage2.py``.
+"""The optimisation settings of a training stage and what they build.
 
-The recipes read top to bottom (config, data, model, loop, eval, checkpoint); what they
-share lives here:
-
-* :class:`TrainConfig` — the optimisation settings of one stage (adapter cards set them);
-* :func:`param_groups` / :func:`build_optimizer` — AdamW with decay / no-decay groups;
-* :func:`warmup_cosine` — per-step linear warmup then cosine decay to ``min_lr``;
-* :func:`step_seed` — every step's randomness (dropout, ITM negatives) is seeded from
+* :class:`TrainConfig` -- the settings of one stage (adapter cards and the command line set them);
+* :func:`param_groups` / :func:`build_optimizer` -- AdamW with decay / no-decay groups;
+* :func:`warmup_cosine` / :func:`build_scheduler` -- per-step linear warmup then cosine decay;
+* :func:`step_seed` -- every step's randomness (dropout, ITM negatives) is seeded from
   (seed, step, rank), so a resumed run replays exactly what an uninterrupted run does
-  without carrying RNG state around;
-* :class:`CheckpointManager` — atomic checkpoints through accelerate's ``save_state`` (only
-  trainable weights; frozen towers are rebuilt from the config) and exact resume;
-* :class:`MetricLog` — metrics as JSONL plus a loss-curve PNG.
+  without carrying RNG state around.
+
+The loop itself is :func:`qformer.loop.fit`; checkpoints :mod:`qformer.checkpoints`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
 
+from .config import ConfigError, _from_dict
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
     """Optimisation settings of one training stage (one source of truth: adapter cards and
-    the command line override these fields by name)."""
+    the command line override these fields by name). What a step optimises (loss weights,
+    label smoothing) is the objective's config, e.g. :class:`qformer.stage1.Stage1Config`."""
 
     lr: float = 1e-4
     min_lr: float = 1e-5
@@ -49,33 +44,39 @@ class TrainConfig:
     save_every: int = 1000
     keep_checkpoints: int = 2
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    # Recompute the Q-Former's activations in the backward pass to save memory (the one knob).
     gradient_checkpointing: bool = False
+    # Optimizer steps whose loss or gradient norm is NaN/inf that may be skipped (no update),
+    # as mixed-precision loss scalers do; 0 (default) stops at the first with a clear error.
+    skip_nonfinite_steps: int = 0
     seed: int = 0
     num_workers: int = 2
-    clamp_temperature: bool = False  # BLIP/ALBEF clamp temp to [0.001, 0.5]; LAVIS BLIP-2 does not
-    # Stage 1 only: weights of the three losses (BLIP-2 sums them, 1 each).
-    itc_weight: float = 1.0
-    itm_weight: float = 1.0
-    itg_weight: float = 1.0
-    loss_ramp_steps: int = 0  # ITM and ITG weights ramp from 0 over this many steps (0: constant)
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+            raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ConfigError(f"lr must be a number > 0, got {self.lr!r}")
+        for name in ("lr", "min_lr", "warmup_lr", "weight_decay", "beta1", "beta2"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.warmup_steps < 0 or self.skip_nonfinite_steps < 0 or self.num_workers < 0:
+            raise ConfigError("warmup_steps, skip_nonfinite_steps and num_workers must be >= 0")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return _from_dict(cls, data, "training settings")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def train_fields() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
 
 
 # ---------------------------------------------------------------------------- optimisation
@@ -96,7 +97,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     if not any(g["params"] for g in groups):
-        raise ValueError("no trainable parameters")
+        raise ConfigError("no trainable parameters")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -124,160 +125,12 @@ def step_seed(seed: int, step: int, rank: int, micro_step: int = 0) -> int:
     return (seed * 1_000_003 + step * 9_176 + micro_step * 131 + rank * 7_919) % (2**63 - 1)
 
 
-# ---------------------------------------------------------------------------- checkpoints
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    samples_seen: int = 0
-    loader: dict[str, Any] = field(default_factory=dict)  # CaptionLoader.state_dict(): where the data resumes
-    best: dict[str, float] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainState":
-        return cls(**json.loads(text))
-
-
-class CheckpointManager:
-    """``<out>/checkpoints/step-XXXXXXXX/`` written atomically: accelerate writes into a
-    temporary directory which is renamed only when every process has finished, so a run
-    killed mid-save leaves the previous checkpoint intact. Only trainable weights are saved
-    (the hook calls ``save_pretrained(include_frozen=False)``); optimizer, scheduler and
-    accelerate's RNG states come from ``accelerator.save_state``."""
-
-    STATE = "trainer_state.json"
-
-    def __init__(self, accelerator, output_dir: Path, *, keep: int = 2) -> None:
-        self.accelerator = accelerator
-        self.root = Path(output_dir) / "checkpoints"
-        self.keep = keep
-
-    def checkpoints(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        done = [p for p in self.root.iterdir() if p.name.startswith("step-") and (p / self.STATE).is_file()]
-        return sorted(done, key=lambda p: p.name)
-
-    def latest(self) -> Path | None:
-        found = self.checkpoints()
-        return found[-1] if found else None
-
-    def save(self, state: TrainState) -> Path:
-        acc = self.accelerator
-        final = self.root / f"step-{state.step:08d}"
-        tmp = self.root / f".tmp-step-{state.step:08d}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            (tmp / self.STATE).write_text(state.to_json())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in self.checkpoints()[: -self.keep] if self.keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
-
-    def load(self, path: Path) -> TrainState:
-        if not (path / self.STATE).is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {self.STATE})")
-        self.accelerator.load_state(str(path))
-        return TrainState.from_json((path / self.STATE).read_text())
-
-
-def register_model_hooks(accelerator, model_getter) -> None:
-    """Make ``accelerator.save_state`` / ``load_state`` write and read the model as
-    ``model/`` with ``save_pretrained(include_frozen=False)`` / a strict trainable-weight load,
-    instead of a full state dict (the frozen ViT and LLM can be gigabytes)."""
-    from safetensors.torch import load_file
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            model_getter().save_pretrained(Path(output_dir) / "model", include_frozen=False)
-        weights.clear()  # accelerate must not write its own copy
-
-    def load_hook(models, input_dir):
-        model = model_getter()
-        sd = load_file(str(Path(input_dir) / "model" / "model.safetensors"))
-        own = model.state_dict()
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in sd]
-        unexpected = sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {input_dir} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for k, v in sd.items():
-                own[k].copy_(v)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-# ---------------------------------------------------------------------------- metrics
-class MetricLog:
-    """Appends metrics to ``metrics.jsonl`` and draws ``loss_curve.png`` (main process only)."""
-
-    def __init__(self, output_dir: Path, *, enabled: bool = True, resume_step: int = 0) -> None:
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self.enabled = enabled
-        if enabled and self.path.is_file():
-            # A resumed run drops what was logged after its checkpoint.
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
-
-    def records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
-
-    def plot(self, png: Path, *, title: str) -> Path | None:
-        if not self.enabled:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = self.records()
-        keys = sorted({k for r in rows for k in r if k.startswith("loss")})
-        if not keys:
-            return None
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
-        return png
-
-
 __all__ = [
-    "CheckpointManager",
-    "MetricLog",
     "TrainConfig",
-    "TrainState",
     "build_optimizer",
     "build_scheduler",
     "param_groups",
-    "register_model_hooks",
     "step_seed",
+    "train_fields",
     "warmup_cosine",
 ]

@@ -14,11 +14,12 @@ trained with --keep-stage1-heads, a stage-1 model has no LLM):
              beam 5, at most 10 new tokens, length penalty -1): VQAv2 accuracy and exact match.
   retrieval  ITC top-k then ITM re-ranking; recall@1/5/10 image->text and text->image.
 
-Data (--data): "toy" (the toy world's held-out split, exported once into the toy cache, with
-questions generated from each scene), an imagefolder directory (metadata.jsonl with file_name and
-text or a list of captions), a .jsonl/.csv of image + caption, a hub dataset, ... (whatever the
-training recipes' --eval-data takes). VQA questions come from --vqa-data (a .jsonl of image +
-question + answers) or from a vqa.jsonl inside the --data folder.
+Data (--data): "toy" (= toy://data/val, the toy world's held-out split, exported once into the
+toy cache, with questions generated from each scene in toy://vqa/val), an imagefolder directory
+(metadata.jsonl with file_name and text or a list of captions), a .jsonl/.csv of image +
+caption, a hub dataset, ... (whatever the training recipes' --eval-data takes). VQA questions
+come from --vqa-data (a .jsonl of image + question + answers) or from a vqa.jsonl inside the
+--data folder.
 
 Writes results.json, results.md, captions.jsonl and answers.jsonl to --output-dir (default:
 next to the model, e.g. runs/toy/stage2/eval).
@@ -28,28 +29,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from qformer import Blip2
-from qformer.adapters import TOY_SCHEME, load_adapter, resolve_toy
+from qformer.adapters import has_placeholder, resolve_value
+from qformer.cli import run_main
+from qformer.errors import ConfigError
 from qformer.eval.captioning import DEFAULT_METRICS, METRIC_KEYS
 from qformer.eval.report import print_table, write_results
 from qformer.eval.retrieval import COMBINES
 from qformer.eval.tasks import (
-    VQAFileError,
     evaluate_captioning,
     evaluate_eval_set_retrieval,
     evaluate_vqa,
     load_vqa_questions,
+    first_record,
     open_eval_set,
+    reference_column,
     write_jsonl,
 )
 from qformer.eval.vqa import VQADecodeSettings
+from qformer.run import start_run
 
 TASKS = ("caption", "vqa", "retrieval")
 DEFAULT_MODELS = (Path("runs/toy/stage2/model"), Path("runs/toy/stage1/model"))
@@ -68,7 +70,7 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--data", default="toy",
                    help='held-out images with captions: "toy" (the toy world\'s val split), an imagefolder dir, a '
                         ".jsonl/.csv file, a hub dataset, ... or a VQA .jsonl (default: toy)")
-    g.add_argument("--vqa-data", type=Path, default=None,
+    g.add_argument("--vqa-data", default=None,
                    help="VQA questions: .jsonl with image + question + answers per line (default: vqa.jsonl in the "
                         "--data folder; generated for the toy world)")
     g.add_argument("--output-dir", type=Path, default=None,
@@ -76,8 +78,9 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only (default: all)")
     g.add_argument("--max-questions", type=int, default=None, help="answer the first N questions only (default: all)")
     g.add_argument("--caption-column", default=None,
-                   help="the data's reference captions column (default: 'captions' when the data has a list of "
-                        "captions per image, as COCO and toy exports do, else the first of text / caption / ...)")
+                   help="the data's reference captions column (default: 'captions' / 'sentences' when the data has a "
+                        "list of captions per image, as COCO files and toy exports do, else the first of text / "
+                        "caption / ...; the training recipes' evaluation uses the same rule)")
     g.add_argument("--batch-size", type=int, default=32, help="images per generation / feature pass (default: 32)")
     g.add_argument("--llm-dtype", default=None, help="hold the frozen LLM in this dtype (default: as saved)")
     c = p.add_argument_group("captioning")
@@ -103,6 +106,7 @@ def parse_args() -> argparse.Namespace:
     r.add_argument("--references", choices=["all", "first"], default="all",
                    help="texts to retrieve: every caption of every image (COCO) or the first only (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (also QFORMER_DEBUG=1)")
     args = p.parse_args()
     asked = [t.strip() for item in (args.task or []) for t in item.split(",") if t.strip()]
     unknown = sorted(set(asked) - set(TASKS))
@@ -121,8 +125,8 @@ def default_model() -> Path:
     for path in DEFAULT_MODELS:
         if (path / "config.json").is_file():
             return path
-    raise SystemExit(f"no model to evaluate: {' and '.join(map(str, DEFAULT_MODELS))} do not exist "
-                     "(train with recipes/stage1.py and recipes/stage2.py, or pass --model DIR)")
+    raise ConfigError(f"no model to evaluate: {' and '.join(map(str, DEFAULT_MODELS))} do not exist "
+                      "(train with recipes/stage1.py and recipes/stage2.py, or pass --model DIR)")
 
 
 def unsupported(model: Blip2) -> dict[str, str]:
@@ -158,178 +162,138 @@ class EvalData:
     label: str
 
 
-def resolve_data(data: str, vqa_data: Path | None, *, need_vqa: bool, progress: bool) -> EvalData:
-    """Where the images, captions and questions are; the toy world's are exported on first use."""
-    if data == "toy" or data.startswith(TOY_SCHEME):
-        spec = f"{TOY_SCHEME}data/val" if data == "toy" else data
-        # The training recipes' helper: pretrains the toy backbones once and exports their data.
-        card = resolve_toy(load_adapter("toy", [f"data.evaluate={spec}"]), progress=progress)
-        folder = Path(card.data["evaluate"])
-        if vqa_data is None and need_vqa:
-            vqa_data = ensure_toy_vqa(folder, split=spec.rsplit("/", 1)[-1], size=card.data["toy_sizes"])
-        return EvalData(str(folder), vqa_data, f"{data} ({folder})")
+def plugin_options(model_dir: Path) -> dict[str, dict[str, Any]]:
+    """The ``plugins`` section of the training run's card (next to the model), so that e.g. the
+    toy world's splits are the ones the model was trained and evaluated on."""
+    card = model_dir.parent / "card.json"
+    return (json.loads(card.read_text()).get("plugins") or {}) if card.is_file() else {}
+
+
+def resolve_data(data: str, vqa_data: str | None, *, need_vqa: bool, options: dict, progress: bool) -> EvalData:
+    """Where the images, captions and questions are. ``SCHEME://`` values are resolved by their
+    plugin (``toy`` is short for ``toy://data/val``, whose questions are ``toy://vqa/val``)."""
+    if data == "toy":
+        data = "toy://data/val"
+    if vqa_data is None and need_vqa and has_placeholder(data) and "://data/" in data:
+        vqa_data = data.replace("://data/", "://vqa/", 1)  # a plugin's split and its questions
+    label = data
+    data = str(resolve_value(data, options, progress=progress))
+    if vqa_data is not None and need_vqa:
+        vqa_data = str(resolve_value(vqa_data, options, progress=progress))
     path = Path(data).expanduser()
     if path.suffix.lower() in (".jsonl", ".json") and path.is_file() and _is_vqa_file(path):
-        return EvalData(None, vqa_data or path, data)
+        return EvalData(None, Path(vqa_data) if vqa_data else path, label)
     if vqa_data is None and (path / "vqa.jsonl").is_file():
-        vqa_data = path / "vqa.jsonl"
-    return EvalData(data, vqa_data, data)
-
-
-def ensure_toy_vqa(folder: Path, *, split: str, size: dict[str, int]) -> Path:
-    """The toy split's questions, written next to its images once (a pure function of the world)."""
-    from qformer.toy import ToyWorld
-    from qformer.toy.world import VQA_FILE
-
-    path = folder / VQA_FILE
-    if not path.is_file():
-        try:
-            ToyWorld().export_vqa(split, int(size[split]), folder)
-        except FileExistsError:  # another process wrote it first
-            pass
-    return path
-
-
-def _first_row(path: Path) -> dict[str, Any]:
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rows = data if isinstance(data, list) else next((v for v in data.values() if isinstance(v, list)), [])
-        return rows[0] if rows and isinstance(rows[0], dict) else {}
-    with path.open(encoding="utf-8") as f:
-        line = next((line for line in f if line.strip()), "{}")
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return {}
-    return row if isinstance(row, dict) else {}
+        vqa_data = str(path / "vqa.jsonl")
+    return EvalData(data, Path(vqa_data) if vqa_data else None, f"{label} ({data})" if label != data else data)
 
 
 def _is_vqa_file(path: Path) -> bool:
-    return "question" in _first_row(path)
-
-
-def caption_column(data: Any, explicit: str | None) -> str | None:
-    """``"captions"`` when the data's rows hold a list of reference captions (COCO style, toy
-    exports): all references count, as in the COCO evaluation."""
-    if explicit or not isinstance(data, str):
-        return explicit
-    path = Path(data).expanduser()
-    meta = path / "metadata.jsonl" if path.is_dir() else path
-    if meta.is_file() and meta.suffix.lower() in (".jsonl", ".json"):
-        return "captions" if isinstance(_first_row(meta).get("captions"), list) else None
-    return None
+    return "question" in first_record(path)
 
 
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     args = parse_args()
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
-    rank, world_size, main_rank = state.process_index, state.num_processes, state.is_main_process
-    progress = not args.no_progress and main_rank
-    say = print if main_rank else (lambda *a, **k: None)
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
-    started, seconds = time.perf_counter(), {}
+    model_dir = args.model or default_model()
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"--model {model_dir}: no model there (a directory with config.json)")
+    output_dir = args.output_dir or model_dir.parent / "eval"
+    # The same run setup as the training recipes: accelerate's processes, CPU threads per rank,
+    # the output folder checked before any work, main-process printing, per-phase timings.
+    run = start_run(output_dir, progress=not args.no_progress)
+    rank, world_size, say = run.rank, run.world_size, run.print
 
     # ---------------------------------------------------------------- model
-    model_dir = args.model or default_model()
-    model = Blip2.from_pretrained(model_dir, llm_dtype=args.llm_dtype).to(state.device).eval()
+    with run.phase("load"):
+        model = Blip2.from_pretrained(model_dir, llm_dtype=args.llm_dtype).to(run.device).eval()
     cannot = unsupported(model)
     if args.tasks:
         bad = {t: cannot[t] for t in args.tasks if t in cannot}
         if bad:
-            raise SystemExit("; ".join(f"--task {t}: {why}" for t, why in bad.items()))
+            raise ConfigError("; ".join(f"--task {t}: {why}" for t, why in bad.items()))
     tasks = args.tasks or [t for t in TASKS if t not in cannot]
     if not tasks:
-        raise SystemExit(f"{model_dir}: this model supports none of {list(TASKS)}")
+        raise ConfigError(f"{model_dir}: this model supports none of {list(TASKS)}")
 
     # ---------------------------------------------------------------- data
-    with state.main_process_first():  # the toy world's data is exported once, by one process
-        data = resolve_data(args.data, args.vqa_data, need_vqa="vqa" in tasks, progress=progress)
+    with run.accelerator.main_process_first():  # a plugin's data (the toy world's) is exported once
+        data = resolve_data(args.data, args.vqa_data, need_vqa="vqa" in tasks, options=plugin_options(model_dir),
+                            progress=run.progress)
     for task, missing in (("vqa", data.vqa is None), ("caption", data.captions is None),
                           ("retrieval", data.captions is None)):
         if task in tasks and missing:
             why = ("no questions: pass --vqa-data FILE.jsonl (image, question, answers per line) or put a vqa.jsonl "
                    "in the --data folder") if task == "vqa" else f"{args.data} holds questions, not captions"
             if args.tasks:
-                raise SystemExit(f"--task {task}: {why}")
+                raise ConfigError(f"--task {task}: {why}")
             say(f"skipping {task}: {why}")
             tasks.remove(task)
-    output_dir = args.output_dir or model_dir.parent / "eval"
     say(f"evaluate | model {model_dir} | tasks {', '.join(tasks)} | data {data.label} | {world_size} process(es) on "
-        f"{state.device} | output {output_dir}")
+        f"{run.device} | output {output_dir}")
 
     results: dict[str, Any] = {}
     settings: dict[str, Any] = {}
     caption_eval = vqa_eval = None
     eval_set = None
     if "caption" in tasks or "retrieval" in tasks:
-        column = caption_column(data.captions, args.caption_column)
-        t0 = time.perf_counter()
-        eval_set = open_eval_set(data.captions, vision=model.config.vision, max_images=args.max_images,
-                                 caption_column=column, progress=progress)
-        seconds["load"] = time.perf_counter() - t0
+        column = args.caption_column or reference_column(data.captions)
+        with run.phase("load"):
+            eval_set = open_eval_set(data.captions, vision=model.config.vision, max_images=args.max_images,
+                                     caption_column=column, progress=run.progress)
         refs = sum(len(r) for r in eval_set.references)
         say(f"{len(eval_set)} images, {refs} reference captions{f' (column {column!r})' if column else ''}"
             f"{', toy scene attributes' if eval_set.has_toy_attributes else ''}")
 
     if "vqa" in tasks:  # read (and check) the questions before hours of captioning, not after
-        try:
-            questions = load_vqa_questions(data.vqa, max_questions=args.max_questions)
-        except (VQAFileError, FileNotFoundError) as e:
-            raise SystemExit(f"VQA data: {e}") from e
+        questions = load_vqa_questions(data.vqa, max_questions=args.max_questions)
         say(f"{len(questions)} questions from {data.vqa}")
 
     # ---------------------------------------------------------------- tasks
     if "caption" in tasks:
         options = generate_options(args, model_dir)
-        t0 = time.perf_counter()
-        caption_eval = evaluate_captioning(model, eval_set, rank=rank, world_size=world_size, generate_options=options,
-                                           metrics=args.caption_metrics, batch_size=args.batch_size, progress=progress)
-        seconds["caption"] = time.perf_counter() - t0
+        with run.phase("caption"):
+            caption_eval = evaluate_captioning(model, eval_set, rank=rank, world_size=world_size,
+                                               generate_options=options, metrics=args.caption_metrics,
+                                               batch_size=args.batch_size, progress=run.progress)
         results["captioning"] = caption_eval.metrics
         settings["caption"] = {"generate": options, "metrics": args.caption_metrics, "prompt": model.config.llm.prompt}
     if "vqa" in tasks:
         decode = VQADecodeSettings(num_beams=args.vqa_num_beams, max_new_tokens=args.vqa_max_new_tokens,
                                    length_penalty=args.vqa_length_penalty)
-        t0 = time.perf_counter()
-        vqa_eval = evaluate_vqa(model, questions, rank=rank, world_size=world_size, decode=decode,
-                                template=args.vqa_prompt, protocol=args.vqa_protocol, batch_size=args.batch_size,
-                                progress=progress)
-        seconds["vqa"] = time.perf_counter() - t0
+        with run.phase("vqa"):
+            vqa_eval = evaluate_vqa(model, questions, rank=rank, world_size=world_size, decode=decode,
+                                    template=args.vqa_prompt, protocol=args.vqa_protocol, batch_size=args.batch_size,
+                                    progress=run.progress)
         results["vqa"] = vqa_eval.metrics
         settings["vqa"] = {"data": str(data.vqa), **vqa_eval.metrics.info}
     if "retrieval" in tasks:
-        t0 = time.perf_counter()
-        results["retrieval"] = evaluate_eval_set_retrieval(
-            model, eval_set, k=args.k, combine=args.combine, references=args.references, rank=rank,
-            world_size=world_size, batch_size=args.batch_size, progress=progress)
-        seconds["retrieval"] = time.perf_counter() - t0
+        with run.phase("retrieval"):
+            results["retrieval"] = evaluate_eval_set_retrieval(
+                model, eval_set, k=args.k, combine=args.combine, references=args.references, rank=rank,
+                world_size=world_size, batch_size=args.batch_size, progress=run.progress)
         settings["retrieval"] = {"k": args.k, "combine": args.combine, "references": args.references}
 
     # ---------------------------------------------------------------- report
-    if main_rank:
+    if run.is_main:
         print()
         print_table(results)
         if caption_eval is not None:
             print("\nsample captions:\n" + caption_eval.sample_lines(5))
         if vqa_eval is not None:
             print("\nsample answers:\n" + vqa_eval.sample_lines(5))
-        seconds["total"] = time.perf_counter() - started
+        seconds = run.seconds()
         paths = write_results(results, output_dir, name="results", title=f"Evaluation of {model_dir}",
                               extra={"model": str(model_dir), "data": data.label, "tasks": tasks,
-                                     "processes": world_size, "settings": settings,
-                                     "seconds": {k: round(v, 1) for k, v in seconds.items()}})
+                                     "processes": world_size, "settings": settings, "seconds": seconds})
         if caption_eval is not None:
             write_jsonl(caption_eval.rows(), output_dir / "captions.jsonl")
         if vqa_eval is not None:
             write_jsonl(vqa_eval.rows(protocol=args.vqa_protocol), output_dir / "answers.jsonl")
         print(f"\nresults: {paths['json']} and {paths['markdown']}; per-sample predictions in {output_dir} "
               f"({seconds['total']:.0f} s)")
-    state.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from qformer import Blip2, Blip2Config, QFormerConfig, Stage1Objective
-from qformer.vision import lavis_eva_vision_config
+from qformer.persistence import lavis_eva_vision_config
 
 
 def oracle_config(oracle_dir: Path) -> Blip2Config:

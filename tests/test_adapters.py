@@ -53,21 +53,21 @@ def test_real_card_parameter_counts_match_the_paper(name):
 def test_overrides_are_dotted_yaml_assignments():
     card = load_adapter("eva-vit-g_opt-2.7b", ["stage1.lr=3e-4", "model.qformer.num_layers=6", "stage2.max_grad_norm=null",
                                               "model.llm.prompt=a photo of", "data.stage1.train=/data/coco.jsonl"])
-    assert card.stage1["lr"] == 3e-4 and card.model["qformer"]["num_layers"] == 6
-    assert card.stage2["max_grad_norm"] is None and card.model["llm"]["prompt"] == "a photo of"
-    assert card.data["stage1"]["train"] == "/data/coco.jsonl"
+    assert card.stage1.lr == 3e-4 and card.model["qformer"]["num_layers"] == 6
+    assert card.stage2.max_grad_norm is None and card.model["llm"]["prompt"] == "a photo of"
+    assert card.data.stage1.train == "/data/coco.jsonl"
     assert card.train_config(1).lr == 3e-4
     assert card.blip2_config(stage=1).llm is None and card.blip2_config().llm.path == "facebook/opt-2.7b"
     with pytest.raises(ValueError, match="KEY=VALUE"):
         apply_overrides({}, ["stage1.lr"])
     with pytest.raises(ValueError, match="not a section"):
         apply_overrides({"a": 1}, ["a.b=2"])
-    with pytest.raises(ValueError, match="unknown training setting"):
-        load_adapter("eva-vit-g_opt-2.7b", ["stage1.learning_rate=1"]).train_config(1)
+    with pytest.raises(ConfigError, match=r"stage1: unknown field\(s\) \['learning_rate'\]"):
+        load_adapter("eva-vit-g_opt-2.7b", ["stage1.learning_rate=1"])  # refused when the card is read
 
 
 def test_unknown_cards_and_sections_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="known adapters: .*eva-vit-g_opt-2.7b"):
+    with pytest.raises(ConfigError, match="known adapters: .*eva-vit-g_opt-2.7b"):
         load_adapter("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nmodel: {}\nstages: {}\n")
@@ -82,29 +82,26 @@ def test_unknown_cards_and_sections_are_clear_errors(tmp_path):
 
 
 def test_toy_budget_names_are_checked(tmp_path, monkeypatch):
-    from qformer.adapters import toy_resources
+    from qformer.adapters import resolve_resources
 
     monkeypatch.setenv("QFORMER_CACHE", str(tmp_path))
-    card = load_adapter("toy", ["data.toy_budget=huge"])
-    with pytest.raises(ConfigError, match="toy_budget must be one of"):
-        toy_resources(card, progress=False)
+    card = load_adapter("toy", ["plugins.toy.budget=huge"])
+    with pytest.raises(ConfigError, match="budget"):
+        resolve_resources(card, progress=False)
     assert not any(tmp_path.iterdir())  # refused before anything was trained or written
 
 
 def test_cpu_threads_per_process(monkeypatch):
     import os
-    from types import SimpleNamespace
-
-    from qformer.recipe import cpu_threads_per_process
+    from qformer.run import cpu_threads_per_process
 
     cores = len(os.sched_getaffinity(0))
-    one, two = SimpleNamespace(num_processes=1), SimpleNamespace(num_processes=2)
     monkeypatch.delenv("QFORMER_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` sets on a 2-vCPU machine: ignored
-    assert cpu_threads_per_process(one) == cores
-    assert cpu_threads_per_process(two) == max(1, cores // 2)
+    assert cpu_threads_per_process(1) == cores
+    assert cpu_threads_per_process(2) == max(1, cores // 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # multi-node: ranks on this machine, not in the job
-    assert cpu_threads_per_process(one) == max(1, cores // 4)
+    assert cpu_threads_per_process(1) == max(1, cores // 4)
     monkeypatch.setenv("QFORMER_NUM_THREADS", "3")
-    assert cpu_threads_per_process(two) == 3
+    assert cpu_threads_per_process(2) == 3

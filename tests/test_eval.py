@@ -446,10 +446,12 @@ def test_blip2_end_to_end(model):
     assert (res.k_i2t, res.k_t2i) == (3, 3) and res.num_itm_pairs <= 4 * 3 + 8 * 3
     # A candidate's score is the ITM match logit of the pair plus its ITC similarity.
     with torch.no_grad():
-        ids, mask = model._tokenize(texts)
+        from qformer.inference import tokenize
+
+        ids, mask = tokenize(model, texts)
         embeds = model.embed_image(pixels)
         for i in range(4):
-            kv = model.qformer.image_kv(embeds[i : i + 1])
+            kv = model.image_kv(embeds[i : i + 1])
             for t in ref[i].topk(3).indices.tolist():
                 logit = model.itm_logits(ids[t : t + 1], mask[t : t + 1], kv)[0, 1]
                 assert res.scores_i2t[i, t] == pytest.approx(float(logit + ref[i, t]), abs=1e-5)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from conftest import randomize_
 
-from qformer.checkpoint import CheckpointError, load_into
+from qformer.errors import CheckpointError
+from qformer.persistence import load_into
 from qformer.config import QFormerConfig
-from qformer.convert import Converted, hf_retrieval_to_ours, ours_to_hf_retrieval
+from qformer.persistence import Converted, hf_retrieval_to_ours, ours_to_hf_retrieval
 from qformer.med import MED, build_attention_mask
 
 V, D, H, I, C, Q, N = 120, 64, 4, 128, 48, 6, 10
@@ -47,7 +48,7 @@ def hf_pair(cfg: QFormerConfig, seed: int = 0):
         state_dict={k[len("qformer."):]: v for k, v in conv.state_dict.items()}, dropped=conv.dropped,
         unrecognised=conv.unrecognised,
     )
-    report = load_into(ours, inner, source="hf", absent_ok={"lm_head.": "no LM head in transformers"})
+    report = load_into(ours, inner, source="hf", fresh_ok={"lm_head.": "no LM head in transformers"})
     assert not report.missing and not report.unexpected
     return qf, emb, ours
 
@@ -254,11 +255,11 @@ def test_init_from_bert_checkpoint(tmp_path):
     """BLIP-2 initialises the Q-Former from bert-base-uncased (here a tiny local BERT): all
     BERT weights copied, the text FFN copied into the query FFN, the grown vocabulary row
     ([DEC]) and the cross-attention left fresh, the unused parts reported."""
-    from qformer.checkpoint import init_qformer_from_bert
+    from qformer.persistence import init_qformer_from_bert
     from qformer.config import Blip2Config, VisionConfig
 
     bert = _save_tiny_bert(tmp_path / "bert")
-    from qformer.model import Blip2
+    from qformer import Blip2
 
     cfg = Blip2Config(
         vision=VisionConfig(name="vit_base_patch16_224", model_kwargs=dict(embed_dim=C, depth=1, num_heads=4, patch_size=8),
@@ -285,9 +286,9 @@ def test_init_from_bert_checkpoint(tmp_path):
 
 
 def test_init_from_bert_without_lm_head_is_strict(tmp_path):
-    from qformer.checkpoint import init_qformer_from_bert
+    from qformer.persistence import init_qformer_from_bert
     from qformer.config import Blip2Config, VisionConfig
-    from qformer.model import Blip2
+    from qformer import Blip2
 
     _save_tiny_bert(tmp_path / "bert", lm=False)
     cfg = Blip2Config(

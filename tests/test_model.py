@@ -13,7 +13,7 @@ from conftest import ORACLE_FIXTURE, randomize_, require_shared, write_bert_toke
 from PIL import Image
 
 from qformer import Blip2, Blip2Config, CheckpointError, QFormerConfig, Stage1Objective, UnsafeCheckpointError, VisionConfig
-from qformer.convert import ours_to_lavis
+from qformer.persistence import ours_to_lavis
 
 IMG = 32
 

@@ -124,7 +124,7 @@ def test_missing_training_data_is_a_clear_error(tiny, tmp_path):
 def _toy_args(stage: int) -> list[str]:
     """--adapter toy with backbones pretrained on the tiny budget (seconds, in a temp cache),
     a small slice of the world and a few steps: the real toy code path, shrunk."""
-    return ["--adapter", "toy", "--set", "data.toy_budget=tiny", "--set", "data.toy_sizes={train: 96, val: 24}",
+    return ["--adapter", "toy", "--set", "plugins.toy.budget=tiny", "--set", "plugins.toy.sizes={train: 96, val: 24}",
             "--set", "model.qformer.num_layers=2", "--set", "model.qformer.num_query_tokens=4",
             "--set", f"eval.stage{stage}.max_images=12", "--set", f"stage{stage}.save_every=1000",
             "--max-steps", "3", "--batch-size", "8", "--log-every", "1", "--num-workers", "0"]

@@ -20,19 +20,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qformer.config import ConfigError, VisionConfig
-from qformer.vision import (
-    ImageLoadError,
-    ImagePreprocessor,
-    VisionTower,
-    WeightsMismatchError,
+from qformer.errors import ImageLoadError, WeightsMismatchError
+from qformer.images import ImagePreprocessor
+from qformer.persistence import (
     blip2_vision_config_kwargs_from_eva,
     convert_blip2_hf_to_eva_timm,
     convert_eva_timm_to_blip2_hf,
     convert_lavis_eva_to_timm,
     lavis_eva_timm_kwargs,
     lavis_eva_vision_config,
-    load_tower_state_dict,
 )
+from qformer.vision import build_vision_tower
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURE = SHARED / "fixtures" / "lavis-oracle-seed0"
@@ -100,10 +98,10 @@ def test_lavis_oracle_vit_parity():
     image = torch.load(FIXTURE / "inputs.pt", weights_only=True)["image"]  # (3, 3, 32, 32)
     vit_out = torch.load(FIXTURE / "blip2_qformer_outputs.pt", weights_only=True)["vit_out"]  # (3, 17, 48)
 
-    tower = VisionTower(lavis_eva_vision_config(cfg))  # feature_layer=-1: the oracle ViT has 2 used blocks
+    tower = build_vision_tower(lavis_eva_vision_config(cfg))  # feature_layer=-1: the oracle ViT has 2 used blocks
     converted = convert_lavis_eva_to_timm(state)
     assert set(converted) == {k[len("visual_encoder."):] for k in state if k.startswith("visual_encoder.")}
-    load_tower_state_dict(tower, converted, source="LAVIS oracle fixture")
+    tower.load_weights(converted, source="LAVIS oracle fixture")
 
     out = tower(image)
     assert out.shape == vit_out.shape == (3, tower.num_tokens, tower.width) == (3, 17, 48)
@@ -114,7 +112,7 @@ def test_lavis_oracle_vit_parity():
 
 def test_timm_eva_is_lavis_eva():
     """timm's Eva with the converted kwargs has LAVIS's exact module structure."""
-    tower = VisionTower(lavis_eva_vision_config(ORACLE_VIT))
+    tower = build_vision_tower(lavis_eva_vision_config(ORACLE_VIT))
     m = tower.model
     assert m.rope is None and m.pos_embed.shape == (1, 17, 48) and m.cls_token.shape == (1, 1, 48)
     assert isinstance(m.norm, nn.Identity) and isinstance(m.norm_pre, nn.Identity)
@@ -158,16 +156,16 @@ def test_full_size_eva_g_matches_lavis_and_transformers():
 def test_eva_timm_hf_parity_both_directions():
     x = images(3)
     # timm -> HF
-    eva = VisionTower(timm_cfg("eva_giant_patch14_clip_224", TINY_EVA, feature_layer=-1))
+    eva = build_vision_tower(timm_cfg("eva_giant_patch14_clip_224", TINY_EVA, feature_layer=-1))
     randomize_(eva.model, seed=3)
-    hf = VisionTower(hf_cfg("blip_2_vision_model", blip2_vision_config_kwargs_from_eva(eva.model), feature_layer=-1))
-    load_tower_state_dict(hf, convert_eva_timm_to_blip2_hf(eva.model.state_dict()), source="timm Eva")
+    hf = build_vision_tower(hf_cfg("blip_2_vision_model", blip2_vision_config_kwargs_from_eva(eva.model), feature_layer=-1))
+    hf.load_weights(convert_eva_timm_to_blip2_hf(eva.model.state_dict()), source="timm Eva")
     d1 = (eva(x) - hf(x)).abs().max().item()
     # HF -> timm
-    hf2 = VisionTower(hf_cfg("blip_2_vision_model", blip2_vision_config_kwargs_from_eva(eva.model), feature_layer=-1))
+    hf2 = build_vision_tower(hf_cfg("blip_2_vision_model", blip2_vision_config_kwargs_from_eva(eva.model), feature_layer=-1))
     randomize_(hf2.model, seed=4)
-    eva2 = VisionTower(timm_cfg("eva_giant_patch14_clip_224", TINY_EVA, feature_layer=-1))
-    load_tower_state_dict(eva2, convert_blip2_hf_to_eva_timm(hf2.model.state_dict()), source="Blip2VisionModel")
+    eva2 = build_vision_tower(timm_cfg("eva_giant_patch14_clip_224", TINY_EVA, feature_layer=-1))
+    eva2.load_weights(convert_blip2_hf_to_eva_timm(hf2.model.state_dict()), source="Blip2VisionModel")
     d2 = (eva2(x) - hf2(x)).abs().max().item()
     print(f"timm Eva -> Blip2VisionModel: {d1:.3g}; Blip2VisionModel -> timm Eva: {d2:.3g}")
     assert eva(x).abs().max() > 1 and hf2(x).abs().max() > 1  # real signals, not near-zero
@@ -179,7 +177,7 @@ def test_eva_timm_hf_parity_both_directions():
 
 
 def test_conversions_refuse_what_they_cannot_hold():
-    hf = VisionTower(hf_cfg("blip_2_vision_model", TINY_HF, feature_layer=-1))
+    hf = build_vision_tower(hf_cfg("blip_2_vision_model", TINY_HF, feature_layer=-1))
     sd = randomize_(hf.model).state_dict()
     sd["encoder.layers.1.self_attn.qkv.bias"][40] = 0.5  # a key bias: EVA has none
     with pytest.raises(WeightsMismatchError, match=r"encoder\.layers\.1\.self_attn\.qkv\.bias.*key part"):
@@ -214,7 +212,7 @@ def test_feature_layer_timm(tmp_path, name, kwargs, fmt, feature_layer):
     sd = {k: v.contiguous() for k, v in full.state_dict().items()}
     save_file(sd, str(path)) if fmt == "safetensors" else torch.save({"model": sd}, path)
 
-    tower = VisionTower(timm_cfg(name, kwargs, feature_layer=feature_layer, pretrained=str(path)))
+    tower = build_vision_tower(timm_cfg(name, kwargs, feature_layer=feature_layer, pretrained=str(path)))
     assert len(tower.model.blocks) == tower.num_blocks == feature_layer % 3 + 1
 
     x = images()
@@ -234,7 +232,7 @@ HF_TYPES = ["blip_2_vision_model", "clip_vision_model", "siglip_vision_model"]
 
 
 def _hf_full_model(name: str, **extra):
-    from qformer.vision import _hf_classes
+    from qformer.vision import hf_vision_classes as _hf_classes
 
     config_cls, model_cls = _hf_classes(name)
     return randomize_(model_cls(config_cls(image_size=S, **TINY_HF, **extra)).eval(), seed=5)
@@ -245,7 +243,7 @@ def _hf_full_model(name: str, **extra):
 def test_feature_layer_hf(tmp_path, name, feature_layer):
     full = _hf_full_model(name)
     full.save_pretrained(tmp_path)
-    tower = VisionTower(hf_cfg(name, pretrained=str(tmp_path), feature_layer=feature_layer))
+    tower = build_vision_tower(hf_cfg(name, pretrained=str(tmp_path), feature_layer=feature_layer))
     assert len(tower.model.encoder.layers) == tower.model.config.num_hidden_layers == 3 + feature_layer + 1
     assert isinstance(tower.model.post_layernorm, nn.Identity)
     if name == "clip_vision_model":  # CLIP's pre-LN belongs to the embeddings stage and stays
@@ -293,7 +291,7 @@ def test_hf_tower_from_full_model_directory(tmp_path, kind):
             bos_token_id=0, eos_token_id=2)))
     randomize_(full.eval(), seed=6)
     full.save_pretrained(tmp_path)
-    tower = VisionTower(hf_cfg(name, pretrained=str(tmp_path), feature_layer=-2))
+    tower = build_vision_tower(hf_cfg(name, pretrained=str(tmp_path), feature_layer=-2))
     x = images()
     with torch.no_grad():
         ref = full.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
@@ -318,7 +316,7 @@ def test_hf_tower_from_full_model_directory(tmp_path, kind):
     ids=["eva", "vit", "blip2", "clip"],
 )
 def test_frozen_eval_and_deterministic(config):
-    tower = VisionTower(config)
+    tower = build_vision_tower(config)
     randomize_(tower.model)
     parent = nn.ModuleDict({"tower": tower, "ln_vision": nn.LayerNorm(tower.width)})
     parent.train()  # as a training loop would
@@ -337,10 +335,10 @@ def test_frozen_eval_and_deterministic(config):
 
 def test_bfloat16_tower_returns_float32():
     cfg32 = lavis_eva_vision_config(ORACLE_VIT)
-    t32 = VisionTower(cfg32)
+    t32 = build_vision_tower(cfg32)
     randomize_(t32.model)
-    t16 = VisionTower(lavis_eva_vision_config(ORACLE_VIT, dtype="bfloat16"))
-    load_tower_state_dict(t16, t32.model.state_dict())
+    t16 = build_vision_tower(lavis_eva_vision_config(ORACLE_VIT, dtype="bfloat16"))
+    t16.load_weights(t32.model.state_dict())
     assert t16.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in t16.parameters())
     x = images()
     out16, out32 = t16(x), t32(x)
@@ -351,7 +349,7 @@ def test_bfloat16_tower_returns_float32():
 
 
 def test_strict_loading_names_keys(tmp_path):
-    tower = VisionTower(timm_cfg("eva_giant_patch14_clip_224", TINY_EVA, feature_layer=-2))
+    tower = build_vision_tower(timm_cfg("eva_giant_patch14_clip_224", TINY_EVA, feature_layer=-2))
     sd = dict(tower.model.state_dict())
     before = sd["cls_token"].clone()
     sd.pop("blocks.1.mlp.fc2.bias")
@@ -359,7 +357,7 @@ def test_strict_loading_names_keys(tmp_path):
     sd["cls_token"] = torch.ones(1, 1, 48)
     sd["pos_embed"] = torch.zeros(1, 5, 48)
     with pytest.raises(WeightsMismatchError) as err:
-        load_tower_state_dict(tower, sd, source="my checkpoint")
+        tower.load_weights(sd, source="my checkpoint")
     msg = str(err.value)
     for needle in ("my checkpoint", "blocks.1.mlp.fc2.bias", "blocks.0.attn.gamma", "pos_embed", "(1, 5, 48)"):
         assert needle in msg
@@ -370,19 +368,19 @@ def test_strict_loading_names_keys(tmp_path):
     path = tmp_path / "deeper.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
     with pytest.raises(WeightsMismatchError, match=r"deeper\.safetensors.*blocks\.3\."):
-        VisionTower(timm_cfg("eva_giant_patch14_clip_224", TINY_EVA, pretrained=str(path)))
+        build_vision_tower(timm_cfg("eva_giant_patch14_clip_224", TINY_EVA, pretrained=str(path)))
 
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="feature_layer=-4"):
-        VisionTower(timm_cfg("vit_base_patch16_224", TINY_VIT, feature_layer=-4))
+        build_vision_tower(timm_cfg("vit_base_patch16_224", TINY_VIT, feature_layer=-4))
     with pytest.raises(ConfigError, match="feature_layer=3"):
-        VisionTower(hf_cfg("clip_vision_model", TINY_HF, feature_layer=3))
+        build_vision_tower(hf_cfg("clip_vision_model", TINY_HF, feature_layer=3))
     with pytest.raises(ConfigError, match="not a supported transformers"):
-        VisionTower(hf_cfg("vit", TINY_HF))
+        build_vision_tower(hf_cfg("vit", TINY_HF))
     with pytest.raises(ConfigError, match="img_size"):
-        VisionTower(timm_cfg("vit_base_patch16_224", dict(TINY_VIT, img_size=64)))
-    tower = VisionTower(timm_cfg("vit_base_patch16_224", TINY_VIT))
+        build_vision_tower(timm_cfg("vit_base_patch16_224", dict(TINY_VIT, img_size=64)))
+    tower = build_vision_tower(timm_cfg("vit_base_patch16_224", TINY_VIT))
     with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
         tower(torch.zeros(1, 3, 16, 16))
 
@@ -448,7 +446,7 @@ def test_preprocess_matches_lavis_eval_transform():
         T.Resize((S, S), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
         T.Normalize(VisionConfig().mean, VisionConfig().std),
     ])
-    tower = VisionTower(timm_cfg("vit_base_patch16_224", TINY_VIT))
+    tower = build_vision_tower(timm_cfg("vit_base_patch16_224", TINY_VIT))
     assert torch.equal(tower.preprocess(image)[0], lavis(image))
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..vision import ImageLoadError
+from ..images import ImageLoadError
 from .report import CONVERTED, DataReport, NoUsableDataError, atomic_write_text
 from .samples import SkipSample, _read_bytes, decode_image_bytes, image_content_key
 from .sources import BadRecord, CaptionRecord, CaptionSource

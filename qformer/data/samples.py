@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Union
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..vision import ImageLoadError, load_image
+from ..images import ImageLoadError, load_image
 from .report import CONVERTED, DataReport
 from .sources import BadRecord, CaptionRecord, ImageRef
 from .transforms import CaptionCleaner, ImageTransform

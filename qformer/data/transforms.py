@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from ..config import VisionConfig
-from ..vision import ImagePreprocessor, _to_rgb_or_grey_float
+from ..images import ImagePreprocessor, to_rgb as _to_rgb_or_grey_float
 
 __all__ = [
     "CaptionCleaner",

@@ -13,9 +13,10 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, TextIO
+
+from ..io import atomic_write_text
 
 Results = Mapping[str, Mapping[str, Any]]
 
@@ -107,19 +108,6 @@ def format_report(results: Results, *, title: str = "Evaluation results", precis
     return "\n".join(parts)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write then rename, so a reader (or a crashed run) never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_results(
     results: Results,
     output_dir: str | os.PathLike,
@@ -138,8 +126,8 @@ def write_results(
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
     payload = results_to_json(results, extra=extra)
-    _atomic_write(json_path, json.dumps(payload, indent=2, sort_keys=False, allow_nan=False, default=str) + "\n")
-    _atomic_write(md_path, format_report(results, title=title, precision=precision))
+    atomic_write_text(json_path, json.dumps(payload, indent=2, sort_keys=False, allow_nan=False, default=str) + "\n")
+    atomic_write_text(md_path, format_report(results, title=title, precision=precision))
     return {"json": json_path, "markdown": md_path}
 
 

@@ -45,16 +45,14 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
-import torch.distributed as dist
 
-from ..distributed import dist_info
+from ..distributed import all_gather_uneven, broadcast_, resolve_dist
 from ..losses import similarity_matrix
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..model import Blip2
+from ..med import expand_kv, index_kv
+from ..model import Blip2Model
 
 Combine = Literal["itm+itc", "itm", "itc"]
 COMBINES: tuple[str, ...] = ("itm+itc", "itm", "itc")
@@ -109,17 +107,6 @@ class RetrievalResult(dict):
 
 
 # ---------------------------------------------------------------------------- helpers
-def _resolve_dist(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    default_rank, default_world = dist_info()
-    rank = default_rank if rank is None else rank
-    world_size = default_world if world_size is None else world_size
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"world_size={world_size} needs an initialised torch.distributed process group")
-    return rank, world_size
-
-
 def _split_sizes(n: int, parts: int) -> list[int]:
     """Sizes of ``n`` items split into ``parts`` contiguous slices (as ``tensor_split``)."""
     return [n // parts + (1 if r < n % parts else 0) for r in range(parts)]
@@ -203,14 +190,7 @@ def _score_pairs(
             raise ValueError(f"the ITM scorer returned shape {tuple(scores.shape)} for {e - s} pairs")
         pieces.append(scores.detach().float().to(device))
     local = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.float32, device=device)
-    if world_size == 1:
-        return local
-    width = max(sizes)
-    padded = torch.zeros(width, dtype=torch.float32, device=device)
-    padded[: local.numel()] = local
-    gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+    return all_gather_uneven(local, sizes, world_size=world_size)
 
 
 @torch.no_grad()
@@ -251,13 +231,11 @@ def rerank_with_itm(
         return SimMatrices(sim.clone(), sim.t().contiguous(), 0, nt, ni)
     if itm_scorer is None:
         raise ValueError(f"combine={combine!r} needs an ITM scorer")
-    rank, world_size = _resolve_dist(rank, world_size)
+    rank, world_size = resolve_dist(rank, world_size)
 
-    top_i2t = sim.topk(k_i2t, dim=1).indices  # (Ni, k)
-    top_t2i = sim.t().topk(k_t2i, dim=1).indices  # (Nt, k)
-    if world_size > 1:  # one candidate set for all ranks, whatever their numerics
-        dist.broadcast(top_i2t, src=0)
-        dist.broadcast(top_t2i, src=0)
+    # One candidate set for all ranks, whatever their numerics: rank 0's.
+    top_i2t = broadcast_(sim.topk(k_i2t, dim=1).indices, world_size=world_size)  # (Ni, k)
+    top_t2i = broadcast_(sim.t().topk(k_t2i, dim=1).indices, world_size=world_size)  # (Nt, k)
 
     # Pair key = image * Nt + text: unique() both deduplicates and sorts image-major, which
     # is the order that lets each chunk reuse one image's cross-attention K/V.
@@ -395,7 +373,7 @@ def _finish(sims: SimMatrices, txt2img, img2txt, *, combine: str, return_scores:
 
 # ---------------------------------------------------------------------------- the model
 class Blip2ItmScorer:
-    """ITM scorer over a :class:`~qformer.model.Blip2`: the match logit (index 1 of the ITM
+    """ITM scorer over a :class:`~qformer.model.Blip2Model`: the match logit (index 1 of the ITM
     head, averaged over the query outputs, as LAVIS's ``compute_itm``).
 
     Holds the ln_vision image embeddings of all images and the tokenised texts; per call it
@@ -403,7 +381,7 @@ class Blip2ItmScorer:
     them for every pair of that image, and trims the text padding to the chunk's longest text.
     """
 
-    def __init__(self, model: "Blip2", image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def __init__(self, model: Blip2Model, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         if input_ids.shape != attention_mask.shape:
             raise ValueError("input_ids and attention_mask must have the same shape")
         self.model = model
@@ -416,13 +394,11 @@ class Blip2ItmScorer:
         dev = self.model.device
         uniq, inverse = torch.unique(image_index, return_inverse=True)
         embeds = self.image_embeds[uniq.to(self.image_embeds.device)].to(dev, non_blocking=True)
-        kv_unique = self.model.qformer.image_kv(embeds)
-        n = image_index.numel()
+        kv_unique = self.model.image_kv(embeds)
         if uniq.numel() == 1:  # the usual i2t chunk: a view, no copy
-            kv = [None if x is None else tuple(t.expand(n, *t.shape[1:]) for t in x) for x in kv_unique]
+            kv = expand_kv(kv_unique, image_index.numel())
         else:
-            inverse = inverse.to(dev)
-            kv = [None if x is None else tuple(t.index_select(0, inverse) for t in x) for x in kv_unique]
+            kv = index_kv(kv_unique, inverse.to(dev))
         t = text_index.to(self.input_ids.device)
         ids, mask = self.input_ids[t], self.attention_mask[t]
         width = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else mask.shape[1]
@@ -431,7 +407,7 @@ class Blip2ItmScorer:
 
 
 def _tokenize_texts(
-    model: "Blip2", texts: Sequence[str] | Mapping[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor], max_txt_len: int | None
+    model: Blip2Model, texts: Sequence[str] | Mapping[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor], max_txt_len: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(texts, tuple) and len(texts) == 2 and all(isinstance(t, torch.Tensor) for t in texts):
         return texts[0].cpu(), texts[1].cpu()
@@ -469,7 +445,7 @@ def _image_batches(images: torch.Tensor | Iterable[Any], batch_size: int) -> Ite
 
 @torch.no_grad()
 def encode_images(
-    model: "Blip2",
+    model: Blip2Model,
     images: torch.Tensor | Iterable[Any],
     *,
     batch_size: int = 64,
@@ -496,7 +472,7 @@ def encode_images(
 
 @torch.no_grad()
 def encode_texts(
-    model: "Blip2", input_ids: torch.Tensor, attention_mask: torch.Tensor, *, batch_size: int = 256, progress: bool = False
+    model: Blip2Model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, batch_size: int = 256, progress: bool = False
 ) -> torch.Tensor:
     """ITC text features (N_txt, E), a batch at a time, padding trimmed per batch."""
     out = []
@@ -511,7 +487,7 @@ def encode_texts(
 
 @torch.no_grad()
 def evaluate_retrieval(
-    model: "Blip2",
+    model: Blip2Model,
     images: torch.Tensor | Iterable[Any],
     texts: Sequence[str] | Mapping[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor],
     txt2img: Sequence[int | Sequence[int]],
@@ -549,7 +525,7 @@ def evaluate_retrieval(
         progress: tqdm bars (rank 0 only for the ITM pass).
         return_scores: keep the (N_img, N_txt) and (N_txt, N_img) score matrices on the result.
     """
-    rank, world_size = _resolve_dist(rank, world_size)
+    rank, world_size = resolve_dist(rank, world_size)
     was_training = model.training
     model.eval()
     try:

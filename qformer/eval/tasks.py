@@ -2,7 +2,7 @@
 ``recipes/evaluate.py`` runs on a finished model, so both report the same numbers.
 
     eval_set = open_eval_set("data/val", vision=model.config.vision, max_images=500)
-    cap = evaluate_captioning(model, eval_set, rank=rank, world_size=world_size)   # COCO metrics (+ toy)
+    cap = evaluate_captioning(model, eval_set, rank=rank, world_size=world_size)   # COCO metrics (+ plugins')
     vqa = evaluate_vqa(model, load_vqa_questions("data/val/vqa.jsonl"), rank=rank, world_size=world_size)
     ret = evaluate_eval_set_retrieval(model, eval_set, k=128, rank=rank, world_size=world_size)
     write_results({"captioning": cap.metrics, "vqa": vqa.metrics, "retrieval": ret}, out_dir)
@@ -16,20 +16,25 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from .. import plugins
+from ..config import VisionConfig
+from ..data import open_caption_dataset
+from ..data.samples import Sample, SkipSample
+from ..data.sources import CaptionRecord
+from ..distributed import gather_dict
+from ..errors import DataError
+from ..generation import generate, vqa_template as default_vqa_template
+from ..io import atomic_write_lines, atomic_write_text
+from ..model import Blip2Model
 from .captioning import CaptionScores, caption_metrics
 from .retrieval import RetrievalResult, evaluate_retrieval, flatten_captions
-from .vqa import Protocol, VQADecodeSettings, exact_match_accuracy, vqa_prompt, vqa_score
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import VisionConfig
-    from ..model import Blip2
+from .vqa import Protocol, VQADecodeSettings, exact_match_accuracy, normalize_answer, vqa_accuracy, vqa_score
 
 #: What stage 2 reports while training: SPICE is left out (it needs Stanford CoreNLP on disk
 #: and takes minutes), METEOR runs when Java is present.
@@ -46,8 +51,9 @@ class EvalSet:
     inputs: torch.Tensor  # (N, 3, H, W) pixels or (N, T, C) cached tower features
     kind: str  # "pixel_values" or "vision_features"
     references: list[list[str]]  # per image
-    attributes: list[dict[str, Any] | None]  # toy world scene attributes, when the data has them
     image_ids: list[Hashable] | None = None  # per image, as the data names it (file path, id column)
+    # Per caption scorer that knows this data (qformer.plugins), its reference of each image.
+    scorer_references: dict[str, list[Any]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.references)
@@ -63,16 +69,46 @@ class EvalSet:
     def first_captions(self) -> list[str]:
         return [refs[0] for refs in self.references]
 
-    @property
-    def has_toy_attributes(self) -> bool:
-        """Whether every image carries toy-world scene attributes (for attribute accuracy)."""
-        return bool(self.attributes) and all(a is not None for a in self.attributes)
+def first_record(path: Path) -> dict[str, Any]:
+    """The first JSON object of a .jsonl / .json file ({} if there is none)."""
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows = data if isinstance(data, list) else next((v for v in data.values() if isinstance(v, list)), [])
+        return rows[0] if rows and isinstance(rows[0], dict) else {}
+    with path.open(encoding="utf-8") as f:
+        line = next((line for line in f if line.strip()), "{}")
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return row if isinstance(row, dict) else {}
+
+
+#: List-valued columns of reference captions, preferred for evaluation (COCO style: 5 per image).
+REFERENCE_LIST_COLUMNS: tuple[str, ...] = ("captions", "sentences")
+
+
+def reference_column(spec: Any) -> str | None:
+    """The caption column evaluation scores against: a list of reference captions per image
+    when the data has one (COCO files, toy exports: every reference counts, as in the COCO
+    evaluation), else the data's caption column (None: the pipeline's default choice).
+
+    One definition for the training recipes' periodic evaluation and ``recipes/evaluate.py``,
+    so both report the same number for the same captions."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    path = Path(spec).expanduser()
+    meta = path / "metadata.jsonl" if path.is_dir() else path
+    if meta.is_file() and meta.suffix.lower() in (".jsonl", ".json"):
+        row = first_record(meta)
+        return next((c for c in REFERENCE_LIST_COLUMNS if isinstance(row.get(c), list)), None)
+    return None
 
 
 def open_eval_set(
     spec: Any,
     *,
-    vision: "VisionConfig",
+    vision: VisionConfig,
     max_images: int | None,
     feature_cache: Any = None,
     seed: int = 0,
@@ -84,19 +120,17 @@ def open_eval_set(
     the eval transform (or read from ``feature_cache``).
 
     Unusable records (corrupt images, empty captions) are skipped, as in training.
-    ``caption_column`` picks the references (e.g. ``"captions"`` for a list of them per image);
-    by default the source's own choice. Raises ``ValueError`` naming ``spec`` if no image is usable.
+    ``caption_column`` picks the references; by default :func:`reference_column`'s choice (all
+    the references a record lists). Raises :class:`~qformer.errors.DataError` naming ``spec`` if
+    no image is usable.
     """
     from tqdm.auto import tqdm
 
-    from ..data import open_caption_dataset
-    from ..data.samples import Sample, SkipSample
-    from ..data.sources import CaptionRecord
-
+    caption_column = caption_column or reference_column(spec)
     options = {"caption_column": caption_column} if caption_column else {}
     ds = open_caption_dataset(spec, vision=vision, train=False, feature_cache=feature_cache, seed=seed, **options)
     if not hasattr(ds, "source_index"):
-        raise ValueError(f"eval data {spec!r} is streamed; evaluation needs an indexable dataset (drop streaming)")
+        raise DataError(f"eval data {spec!r} is streamed; evaluation needs an indexable dataset (drop streaming)")
     order: list[Any] = []
     groups: dict[Any, list[str]] = {}
     tensors: dict[Any, torch.Tensor] = {}
@@ -124,52 +158,21 @@ def open_eval_set(
             tensors[item.image_id] = item.vision_features if item.vision_features is not None else item.pixel_values
         groups[item.image_id].append(item.caption)
     if not order:
-        raise ValueError(f"eval data {spec!r} has no usable image")
+        raise DataError(f"eval data {spec!r} has no usable image")
+    scorer_refs = {}
+    for scorer in plugins.caption_scorers():
+        refs = scorer.references(spec, order)
+        if refs is not None and all(r is not None for r in refs):
+            scorer_refs[scorer.name] = refs
     return EvalSet(inputs=torch.stack([tensors[i] for i in order]),
                    kind="vision_features" if feature_cache is not None else "pixel_values",
-                   references=[groups[i] for i in order], attributes=toy_attributes(spec, order),
-                   image_ids=list(order))
+                   references=[groups[i] for i in order], image_ids=list(order), scorer_references=scorer_refs)
 
 
-def toy_attributes(spec: Any, image_ids: Sequence[Hashable]) -> list[dict[str, Any] | None]:
-    """Scene attributes that ``ToyWorld.export`` stores in ``metadata.jsonl`` (for attribute
-    accuracy), per image, else None. Images are matched by their path relative to the folder
-    (an imagefolder's image id), or by a path that ends in it."""
-    meta = Path(str(spec)) / "metadata.jsonl" if isinstance(spec, (str, os.PathLike)) else None
-    if meta is None or not meta.is_file():
-        return [None] * len(image_ids)
-    by_name: dict[str, dict[str, Any]] = {}
-    for line in meta.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line) if line.strip() else {}
-        if "attributes" in row and "file_name" in row:
-            by_name[str(Path(row["file_name"]))] = json.loads(row["attributes"])
-    out: list[dict[str, Any] | None] = []
-    for image_id in image_ids:
-        name = str(Path(str(image_id)))
-        match = by_name.get(name)
-        if match is None:
-            match = next((v for n, v in by_name.items() if name.endswith(os.sep + n)), None)
-        out.append(match)
-    return out
-
-
-# ---------------------------------------------------------------------------- distributed helpers
+# ---------------------------------------------------------------------------- helpers
 def _check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-
-
-def gather_dict(part: dict[Any, Any], *, world_size: int) -> dict[Any, Any]:
-    """Merge every rank's ``{id: prediction}`` (all-gather of Python objects); identity on one process."""
-    if world_size == 1:
-        return part
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"world_size={world_size} needs an initialised torch.distributed process group")
-    parts: list[dict[Any, Any]] = [{} for _ in range(world_size)]
-    dist.all_gather_object(parts, part)
-    return {k: v for p in parts for k, v in p.items()}
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -189,15 +192,15 @@ class CaptioningEvaluation:
     """Captions of an :class:`EvalSet` and their scores.
 
     ``metrics``: COCO metrics (:func:`caption_metrics`'s :class:`CaptionScores`, with its
-    skipped metrics and notices) plus, on the toy world, ``toy_<key>`` attribute accuracies
-    averaged over images (:func:`qformer.toy.score_caption`).
+    skipped metrics and notices) plus, for data a plugin's caption scorer knows (the toy
+    world's), ``<scorer>_<key>`` metrics averaged over images.
     """
 
     metrics: CaptionScores
     captions: dict[int, str]  # image index -> generated caption
     references: list[list[str]]
     image_ids: list[Hashable] | None = None
-    per_image_toy: list[dict[str, float]] | None = None
+    per_image: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # scorer -> per-image metrics
 
     def sample_lines(self, n: int = 8) -> str:
         """The first ``n`` captions next to a reference, for a log."""
@@ -207,7 +210,7 @@ class CaptioningEvaluation:
     def write_samples(self, path: str | os.PathLike) -> Path:
         """Every caption with all its references, one tab-separated line per image (samples.txt)."""
         path = Path(path)
-        path.write_text("\n".join(f"{i}\tpred: {self.captions[i]}\ttrue: {' | '.join(self.references[i])}"
+        atomic_write_text(path, "\n".join(f"{i}\tpred: {self.captions[i]}\ttrue: {' | '.join(self.references[i])}"
                                   for i in range(len(self.references))) + "\n")
         return path
 
@@ -219,14 +222,14 @@ class CaptioningEvaluation:
             if self.image_ids is not None:
                 row["image"] = self.image_ids[i]
             row.update(prediction=self.captions[i], references=self.references[i])
-            if self.per_image_toy is not None:
-                row["toy"] = self.per_image_toy[i]
+            for name, scores in self.per_image.items():
+                row[name] = scores[i]
             out.append(row)
         return out
 
 
 def evaluate_captioning(
-    model: "Blip2",
+    model: Blip2Model,
     eval_set: EvalSet,
     *,
     rank: int = 0,
@@ -239,7 +242,7 @@ def evaluate_captioning(
     """Caption every image of ``eval_set`` (this rank its share, then gathered) with the
     model's training prompt, and score the captions against all references.
 
-    ``generate_options`` go to :meth:`Blip2.generate` (``num_beams``, ``max_new_tokens``, ...;
+    ``generate_options`` go to :func:`qformer.generation.generate` (``num_beams``, ``max_new_tokens``, ...;
     its defaults are LAVIS's). ``metrics``: :func:`caption_metrics` groups; metrics that need
     a missing Java are reported as skipped, not raised.
     """
@@ -250,22 +253,21 @@ def evaluate_captioning(
     part: dict[int, str] = {}
     chunks = _chunks(mine, batch_size)
     for index in _progress(chunks, enabled=progress and rank == 0, total=-(-len(mine) // batch_size), desc="captioning"):
-        part.update(zip(index, model.generate(**eval_set.generate_inputs(list(index)), **options)))
+        part.update(zip(index, generate(model, **eval_set.generate_inputs(list(index)), **options)))
     captions = gather_dict(part, world_size=world_size)
     refs = {i: eval_set.references[i] for i in range(len(eval_set))}
     scores = caption_metrics(captions, refs, metrics=metrics)
     result = CaptionScores({k: float(v) for k, v in scores.items()})
     result.skipped, result.notices, result.tokenizer = dict(scores.skipped), list(scores.notices), scores.tokenizer
-    per_image = None
-    if eval_set.has_toy_attributes:
-        from ..toy import score_caption
-
-        per_image = [score_caption(captions[i], eval_set.attributes[i]) for i in range(len(eval_set))]
-        for key in per_image[0]:
-            result[f"toy_{key}"] = sum(p[key] for p in per_image) / len(per_image)
+    per_image = {}
+    scorers = {s.name: s for s in plugins.caption_scorers()}
+    for name, refs in eval_set.scorer_references.items():
+        scores = [scorers[name].score(captions[i], refs[i]) for i in range(len(eval_set))]
+        for key in scores[0]:
+            result[f"{name}_{key}"] = sum(p[key] for p in scores) / len(scores)
+        per_image[name] = scores
     return CaptioningEvaluation(metrics=result, captions={i: captions[i] for i in range(len(eval_set))},
-                                references=eval_set.references, image_ids=eval_set.image_ids,
-                                per_image_toy=per_image)
+                                references=eval_set.references, image_ids=eval_set.image_ids, per_image=per_image)
 
 
 # ---------------------------------------------------------------------------- VQA
@@ -281,7 +283,7 @@ class VQAQuestion:
     question_type: str | None = None
 
 
-class VQAFileError(ValueError):
+class VQAFileError(DataError):
     """A VQA file that cannot be read; the message names the file, the line and the field."""
 
 
@@ -401,8 +403,6 @@ class VQAEvaluation:
 
     def rows(self, *, protocol: Protocol = "official") -> list[dict[str, Any]]:
         """One JSON-ready row per question (answers.jsonl), with its own scores."""
-        from .vqa import normalize_answer, vqa_accuracy
-
         out = []
         for q in self.questions:
             pred = self.predictions[q.question_id]
@@ -420,20 +420,18 @@ class VQAEvaluation:
                          f"   true: {q.answers[0]}" for q in self.questions[:n])
 
 
-def vqa_template(model: "Blip2", template: str | None = None) -> str:
+def vqa_template(model: Blip2Model, template: str | None = None) -> str:
     """BLIP-2's zero-shot prompt for the model's LLM kind ("Question: {} Answer:" for causal LMs,
     "Question: {} Short answer:" for FlanT5), unless ``template`` is given."""
     if template is not None:
         if "{}" not in template:
             raise ValueError(f"a VQA prompt template needs a '{{}}' for the question, got {template!r}")
         return template
-    from ..llm import is_encoder_decoder
-
-    return vqa_prompt("{}", "t5" if is_encoder_decoder(model.llm) else "opt")
+    return default_vqa_template(model)
 
 
 def evaluate_vqa(
-    model: "Blip2",
+    model: Blip2Model,
     questions: Sequence[VQAQuestion],
     *,
     rank: int = 0,
@@ -467,7 +465,7 @@ def evaluate_vqa(
         pixels = model.vision.preprocess(paths)
         index = [paths.index(q.image) for q in chunk]
         prompts = [template.format(q.question) for q in chunk]
-        answers = model.generate(pixels[index], prompts, batch_size=len(chunk), **decode.generate_kwargs())
+        answers = generate(model, pixels[index], prompts, batch_size=len(chunk), **decode.generate_kwargs())
         part.update(zip((q.question_id for q in chunk), answers))
     predictions = gather_dict(part, world_size=world_size)
     predictions = {q.question_id: predictions[q.question_id] for q in questions}
@@ -499,7 +497,7 @@ def evaluate_vqa(
 
 # ---------------------------------------------------------------------------- retrieval
 def evaluate_eval_set_retrieval(
-    model: "Blip2",
+    model: Blip2Model,
     eval_set: EvalSet,
     *,
     k: int = 128,
@@ -523,21 +521,9 @@ def evaluate_eval_set_retrieval(
 
 
 # ---------------------------------------------------------------------------- files
-def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
     """One JSON object per line, written atomically (a crashed run leaves no half file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write_lines(path, rows)
 
 
 __all__ = [
@@ -551,10 +537,10 @@ __all__ = [
     "evaluate_captioning",
     "evaluate_eval_set_retrieval",
     "evaluate_vqa",
-    "gather_dict",
     "load_vqa_questions",
+    "first_record",
     "open_eval_set",
-    "toy_attributes",
+    "reference_column",
     "vqa_template",
     "write_jsonl",
 ]

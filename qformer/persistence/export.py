@@ -8,22 +8,24 @@ LoRA adapters are merged into the exported weights; a quantised LLM cannot be ex
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import VISION_PREFIX, CheckpointError, _atomic_dir, clean_llm_state_dict
-from .convert import ours_to_hf_retrieval
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import Blip2
+from ..errors import CheckpointError
+from ..io import atomic_dir
+from ..llm import base_llm, end_of_text_ids, is_encoder_decoder
+from ..model import Blip2Model, is_stage1_only
+from .common import VISION_PREFIX, clean_llm_state_dict
+from .eva import blip2_vision_config_kwargs_from_eva, convert_eva_timm_to_blip2_hf
+from .keymaps import ours_to_hf_retrieval
 
 IMAGE_TOKEN = "<image>"
 
 
-def _vision_for_hf(model: "Blip2") -> tuple[dict, dict[str, torch.Tensor]]:
+def _vision_for_hf(model: Blip2Model) -> tuple[dict, dict[str, torch.Tensor]]:
     """(Blip2VisionConfig kwargs, Blip2VisionModel weights without post_layernorm)."""
     cfg = model.config.vision
     tower_sd = {k[len(VISION_PREFIX):]: v for k, v in model.state_dict().items() if k.startswith(VISION_PREFIX)}
@@ -37,8 +39,6 @@ def _vision_for_hf(model: "Blip2") -> tuple[dict, dict[str, torch.Tensor]]:
         )
         return kwargs, tower_sd
     if cfg.backend == "timm":
-        from .vision import blip2_vision_config_kwargs_from_eva, convert_eva_timm_to_blip2_hf
-
         try:
             kwargs = blip2_vision_config_kwargs_from_eva(model.vision.model)
         except (ValueError, TypeError) as e:
@@ -52,10 +52,8 @@ def _vision_for_hf(model: "Blip2") -> tuple[dict, dict[str, torch.Tensor]]:
     )
 
 
-def _merged_llm_state_dict(model: "Blip2") -> dict[str, torch.Tensor]:
+def _merged_llm_state_dict(model: Blip2Model) -> dict[str, torch.Tensor]:
     """The LLM's weights with any LoRA adapters merged in (W + scale * B @ A)."""
-    from .llm import base_llm
-
     sd = clean_llm_state_dict(model)
     lm = base_llm(model.llm)
     for name, module in lm.named_modules():
@@ -66,11 +64,13 @@ def _merged_llm_state_dict(model: "Blip2") -> dict[str, torch.Tensor]:
     return sd
 
 
-def export_transformers(model: "Blip2", directory: Path) -> None:
+def export_transformers(model: Blip2Model, directory: Path) -> None:
+    """Write a directory that ``transformers.Blip2ForConditionalGeneration.from_pretrained``
+    loads with the same outputs (plus its tokenizer and ``Blip2Processor``). Generation there
+    stops where ours does: the end-of-text id(s) go into the text config and the generation
+    config."""
     from transformers import Blip2Config as HFBlip2Config
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
-
-    from .llm import base_llm
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor, GenerationConfig
 
     cfg = model.config
     if cfg.llm is None:
@@ -85,10 +85,8 @@ def export_transformers(model: "Blip2", directory: Path) -> None:
             stacklevel=3,
         )
     lm = base_llm(model.llm)
-    tok = model.llm_tokenizer
-    from copy import deepcopy
-
-    tok = deepcopy(tok)
+    eos = end_of_text_ids(model.llm_tokenizer, cfg.llm, encoder_decoder=is_encoder_decoder(model.llm))
+    tok = copy.deepcopy(model.llm_tokenizer)
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token = tok.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -109,15 +107,12 @@ def export_transformers(model: "Blip2", directory: Path) -> None:
             pad_token_id=q.pad_token_id, cross_attention_frequency=q.cross_attention_freq,
             encoder_hidden_size=q.encoder_width, use_qformer_text_input=False,
         ),
-        text_config=lm.config.to_dict(),
+        text_config={**lm.config.to_dict(), "eos_token_id": eos[0] if len(eos) == 1 else eos},
         num_query_tokens=q.num_query_tokens,
         image_token_index=image_token,
     )
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith(("llm.", VISION_PREFIX))}
-    ours = {k: v for k, v in ours.items()
-            if not (k.startswith(("vision_proj.", "text_proj.", "itm_head.", "qformer.lm_head.")) or k == "temp"
-                    or k.startswith(("qformer.embeddings.word_embeddings.", "qformer.embeddings.position_embeddings."))
-                    or ".ffn." in k)}
+    ours = {k: v for k, v in ours.items() if not is_stage1_only(k)}
     sd = ours_to_hf_retrieval(ours, vision_prefix=VISION_PREFIX)
     sd.update({"vision_model." + k: v for k, v in vision_sd.items()})
     sd.update({"language_model." + k: v for k, v in _merged_llm_state_dict(model).items()})
@@ -140,7 +135,9 @@ def export_transformers(model: "Blip2", directory: Path) -> None:
         size={"height": vcfg.image_size, "width": vcfg.image_size},
         image_mean=list(vcfg.mean), image_std=list(vcfg.std), resample=3,  # PIL bicubic
     )
-    with _atomic_dir(directory) as tmp:
+    hf.generation_config = GenerationConfig.from_model_config(hf_config.text_config)
+    hf.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
+    with atomic_dir(directory) as tmp:
         hf.save_pretrained(str(tmp))
         Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=q.num_query_tokens).save_pretrained(
             str(tmp)

@@ -62,27 +62,16 @@ def _bert_layer_key(rest: str) -> str | None:
 
 
 def _our_layer_key(rest: str, *, flavor: str) -> str | None:
-    """Inverse of :func:`_bert_layer_key`; ``flavor`` "lavis" or "hf" picks the attention name."""
+    """Inverse of :func:`_bert_layer_key`; ``flavor`` "lavis" or "hf" picks the attention name
+    (LAVIS/BERT ``attention.self``, transformers ``attention.attention``)."""
     m = _OUR_LAYER_RE.match(rest)
     if not m:
         return None
     idx, tail = m.groups()
-    attn = "attention.self." if flavor == "lavis" else "attention.attention."
-    xattn = "crossattention.self." if flavor == "lavis" else "crossattention.attention."
-    inverse = [
-        ("self_attn.dense.", "attention.output.dense."),
-        ("self_attn.layer_norm.", "attention.output.LayerNorm."),
-        ("self_attn.", attn),
-        ("cross_attn.dense.", "crossattention.output.dense."),
-        ("cross_attn.layer_norm.", "crossattention.output.LayerNorm."),
-        ("cross_attn.", xattn),
-        ("ffn_query.fc1.", "intermediate_query.dense."),
-        ("ffn_query.fc2.", "output_query.dense."),
-        ("ffn_query.layer_norm.", "output_query.LayerNorm."),
-        ("ffn.fc1.", "intermediate.dense."),
-        ("ffn.fc2.", "output.dense."),
-        ("ffn.layer_norm.", "output.LayerNorm."),
-    ]
+    other = "attention.attention." if flavor == "lavis" else "attention.self."
+    # Longest of our suffixes first, so "self_attn.dense." wins over "self_attn.".
+    inverse = sorted(((ours, src) for src, ours in _LAYER_PARTS if not src.endswith(other)),
+                     key=lambda pair: -len(pair[0]))
     for ours, src in inverse:
         if tail.startswith(ours):
             return f"encoder.layer.{idx}.{src}{tail[len(ours):]}"

@@ -1,0 +1,144 @@
+"""Training checkpoints: written atomically, resumed exactly, trainable weights only.
+
+``<out>/checkpoints/step-XXXXXXXX/`` holds accelerate's ``save_state`` (optimizer, scheduler,
+RNG states) plus ``model/`` (the model's trainable weights, through
+``save_pretrained(include_frozen=False)``: the frozen ViT and LLM can be gigabytes and are
+rebuilt from the config) and ``trainer_state.json`` (step, epoch, where the data resumes).
+accelerate writes into a temporary directory which is renamed only when every process has
+finished, so a run killed mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from .errors import CheckpointError
+from .io import atomic_write_text
+from .weights import safe_torch_load
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    samples_seen: int = 0
+    loader: dict[str, Any] = field(default_factory=dict)  # CaptionLoader.state_dict(): where the data resumes
+    best: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)  # the most recent evaluation's metrics
+    skipped_nonfinite: int = 0  # optimizer steps skipped for a NaN/inf loss (TrainConfig.skip_nonfinite_steps)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainState":
+        return cls(**json.loads(text))
+
+
+class CheckpointManager:
+    """Save and resume; see the module docstring. ``model`` is the unwrapped model whose
+    ``save_pretrained`` writes the trainable weights."""
+
+    STATE = "trainer_state.json"
+
+    def __init__(self, accelerator, output_dir: Path, *, model, keep: int = 2) -> None:
+        self.accelerator = accelerator
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep = keep
+        self.model = model
+        accelerator.register_save_state_pre_hook(self._save_hook)
+        accelerator.register_load_state_pre_hook(self._load_hook)
+
+    # -- accelerate hooks: the model as model/ (trainable weights), never a full state dict
+    def _save_hook(self, models, weights, output_dir) -> None:
+        if self.accelerator.is_main_process:
+            self.model.save_pretrained(Path(output_dir) / "model", include_frozen=False)
+        weights.clear()  # accelerate must not write its own copy
+
+    def _load_hook(self, models, input_dir) -> None:
+        path = Path(input_dir) / "model" / "model.safetensors"
+        try:
+            sd = load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint weights {path}: {e}") from e
+        own = self.model.state_dict()
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in sd]
+        unexpected = sorted(set(sd) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {input_dir} does not fit the model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for k, v in sd.items():
+                own[k].copy_(v)
+        models.clear()
+
+    # -- files
+    def checkpoints(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        done = [p for p in self.root.iterdir() if p.name.startswith("step-") and (p / self.STATE).is_file()]
+        return sorted(done, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(self, state: TrainState) -> Path:
+        acc = self.accelerator
+        final = self.root / f"step-{state.step:08d}"
+        tmp = self.root / f".tmp-step-{state.step:08d}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            atomic_write_text(tmp / self.STATE, state.to_json())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in self.checkpoints()[: -self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: Path) -> TrainState:
+        """Restore the model, optimizer, scheduler and RNG states of checkpoint ``path``.
+
+        Files accelerate unpickles (``optimizer.bin`` ...) are untrusted input like any
+        checkpoint: one that needs more than tensors and plain containers is refused with
+        :class:`~qformer.errors.UnsafeCheckpointError` naming it."""
+        path = Path(path)
+        if not (path / self.STATE).is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint (no {self.STATE})")
+        try:
+            self.accelerator.load_state(str(path))
+        except pickle.UnpicklingError:
+            for f in sorted(path.rglob("*")):
+                if f.is_file() and f.suffix in (".bin", ".pt", ".pth", ".pkl"):
+                    safe_torch_load(f)  # raises UnsafeCheckpointError naming the file
+            raise
+        return TrainState.from_json((path / self.STATE).read_text())
+
+    def resolve(self, resume: str | os.PathLike) -> Path | None:
+        """``"latest"`` -> the newest complete checkpoint (None if there is none); a path -> itself,
+        checked."""
+        if str(resume) == "latest":
+            return self.latest()
+        path = Path(resume)
+        if not (path / self.STATE).is_file():
+            raise CheckpointError(f"--resume {path}: not a complete checkpoint (no {self.STATE})")
+        return path
+
+
+__all__ = ["CheckpointManager", "TrainState"]

@@ -1,0 +1,71 @@
+"""Where a training stage starts from: BERT for the stage-1 Q-Former (as BLIP-2 does from
+bert-base-uncased), a stage-1 model of ours for stage 2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import CheckpointError
+from ..model import Blip2Model, is_stage1_only
+from ..weights import read_hf_weights, read_state_dict
+from .common import CONFIG_NAME, VISION_PREFIX, WEIGHTS_NAME, frozen_llm_keys, read_json
+from .keymaps import Converted, bert_to_qformer
+from .ours import is_ours
+from .report import LoadReport, load_into
+
+
+def init_from_stage1(model: Blip2Model, directory: str | os.PathLike, *, strict: bool = True) -> LoadReport:
+    """Start a stage-2 model from a stage-1 model directory saved by qformer: the vision
+    side, ln_vision, the queries and the Q-Former are copied (shapes checked); the stage-1-only
+    parts the stage-2 model does not have (text embeddings and FFNs, LM head, ITC/ITM heads)
+    are listed as dropped; the language projection (and any LoRA adapter) starts from a random
+    initialisation; the frozen LLM and tower come from their own sources, named in the report."""
+    directory = Path(directory)
+    meta = read_json(directory / CONFIG_NAME) if (directory / CONFIG_NAME).is_file() else {}
+    if not is_ours(meta):
+        raise CheckpointError(f"{directory} is not a model saved by qformer (run stage 1 first, or pass --init-from)")
+    sd = read_state_dict(directory / WEIGHTS_NAME)
+    own = model.state_dict()
+    conv = Converted(state_dict={})
+    for key, value in sd.items():
+        if key in own:
+            conv.state_dict[key] = value
+        elif is_stage1_only(key):
+            conv.dropped[key] = "stage-1 only (text side / ITC-ITM heads), not used in stage 2"
+        else:
+            conv.unrecognised.append(key)
+    fresh = {"language_projection.": "new in stage 2, trainable"}
+    fresh.update({k: "LoRA adapter, new in stage 2, trainable" for k in own if k.startswith("llm.") and "lora_" in k})
+    llm = model.config.llm
+    elsewhere = {k: f"frozen LLM from {llm.path or 'llm.hf_config'}" for k in frozen_llm_keys(model)}
+    if not any(k.startswith(VISION_PREFIX) for k in sd) and model.config.vision.pretrained:
+        elsewhere[VISION_PREFIX] = f"frozen vision tower from {model.config.vision.pretrained!r}"
+    return load_into(model, conv, source=str(directory), strict=strict, fresh_ok=fresh, elsewhere=elsewhere)
+
+
+def init_qformer_from_bert(model: Blip2Model, path: str | os.PathLike, *, strict: bool = True) -> LoadReport:
+    """Initialise the Q-Former from a transformers BERT checkpoint directory (as BLIP-2 does
+    from bert-base-uncased): embeddings, self-attention, text FFN and LM head are copied;
+    the text FFN is also copied into the query FFN; cross-attention stays freshly
+    initialised. A vocabulary that grew (``[DEC]`` added) keeps the new rows' init."""
+    directory = Path(path)
+    sd = read_hf_weights(directory) if directory.is_dir() else read_state_dict(directory)
+    conv = bert_to_qformer(sd)
+    med = model.qformer
+    own = med.state_dict()
+    # Grown vocabulary: copy the old rows into the fresh matrix.
+    for key in ("embeddings.word_embeddings.weight", "lm_head.bias"):
+        if key in conv.state_dict and key in own and conv.state_dict[key].shape[0] < own[key].shape[0]:
+            grown = own[key].clone()
+            grown[: conv.state_dict[key].shape[0]] = conv.state_dict[key]
+            conv.state_dict[key] = grown
+    # BLIP-2 starts the query FFN as a copy of the text FFN.
+    for key in list(conv.state_dict):
+        if ".ffn." in key:
+            conv.state_dict[key.replace(".ffn.", ".ffn_query.")] = conv.state_dict[key]
+    fresh = {f"layers.{i}.cross_attn.": "new cross-attention layer" for i in med.cross_attention_layers}
+    return load_into(med, conv, source=str(directory), strict=strict, fresh_ok=fresh)
+
+
+__all__ = ["init_from_stage1", "init_qformer_from_bert"]
