@@ -45,7 +45,8 @@ from qformer.data import (
     stable_image_id,
     tower_fingerprint,
 )
-from qformer.vision import ImagePreprocessor, VisionTower
+from qformer.images import ImagePreprocessor
+from qformer.vision import VisionTower
 
 S = 32
 VISION = VisionConfig(image_size=S)
@@ -136,7 +137,7 @@ def test_train_transform_deterministic_shapes_and_normalisation():
     # Normalisation: any crop/flip of a solid image is solid.
     solid = Image.new("RGB", (45, 37), (200, 100, 50))
     assert torch.allclose(tf(solid, generator=sample_generator(0, 0, 1)), normalized((200, 100, 50)), atol=1e-5)
-    # Odd modes go through qformer.vision's conversion: transparent -> white, CMYK -> RGB.
+    # Odd modes go through qformer.images' conversion: transparent -> white, CMYK -> RGB.
     assert torch.allclose(tf(Image.new("RGBA", (20, 20), (255, 0, 0, 0)), generator=None), normalized((255, 255, 255)), atol=1e-5)
     assert torch.allclose(tf(Image.new("CMYK", (20, 20), (0, 255, 0, 0)), generator=None), normalized((255, 0, 255)), atol=1e-5)
 
@@ -215,8 +216,21 @@ def test_csv_and_tsv_sources_with_configurable_columns(tmp_path):
     (tmp_path / "data.tsv").write_text("image\ttext\nx.jpg\tA dog\n")
     tsv = open_caption_dataset(str(tmp_path / "data.tsv"), vision=VISION, train=False)
     assert tsv[0].caption == "a dog" and tsv[0].image_id == "x.jpg"
-    with pytest.raises(DatasetSpecError, match="no caption column"):
+    with pytest.raises(DatasetSpecError, match="no caption column") as err:
         open_caption_source(str(tmp_path / "data.csv"))
+    check_column_error(str(err.value), "caption", ["filepath", "title", "cocoid"])
+    with pytest.raises(DatasetSpecError, match="no image column 'photo'") as err:
+        open_caption_source(str(tmp_path / "data.csv"), image_column="photo", caption_column="title")
+    check_column_error(str(err.value), "image", ["filepath", "title", "cocoid"])
+    # Streaming finds a wrong column when the source is opened, not mid-epoch in a worker.
+    with pytest.raises(DatasetSpecError, match="no caption column 'caption'"):
+        open_caption_source(str(tmp_path / "data.tsv"), streaming=True, caption_column="caption")
+
+
+def check_column_error(message: str, role: str, columns: list[str]) -> None:
+    """One line that names the columns found and every way to choose one."""
+    assert "\n" not in message and str(columns) in message
+    assert f"--{role}-column NAME" in message and f"{role}_column=" in message and f"data.{role}_column" in message
 
 
 def test_imagefolder_source_via_datasets(tmp_path):
@@ -256,8 +270,12 @@ def test_in_memory_hub_dataset_list_captions_expand(tmp_path):
     stream = open_caption_dataset(hub.to_iterable_dataset(num_shards=2), vision=VISION, train=False)
     assert isinstance(stream, IterableCaptionDataset)
     assert sorted((s.caption, s.image_id) for s in stream) == [("a brown dog", 11), ("a cat", 12), ("a dog", 11)]
-    with pytest.raises(DatasetSpecError, match="no image column 'picture'"):
+    with pytest.raises(DatasetSpecError, match="no image column 'picture'") as err:
         open_caption_source(hub, image_column="picture")
+    check_column_error(str(err.value), "image", ["image", "sentences", "cocoid"])
+    with pytest.raises(DatasetSpecError, match="no caption column text / caption / captions / sentences") as err:
+        open_caption_source(hub.remove_columns("sentences"))
+    check_column_error(str(err.value), "caption", ["image", "cocoid"])
 
 
 def write_shards(tmp_path: Path) -> str:
@@ -470,16 +488,38 @@ def test_unreadable_file_is_skipped(tmp_path, monkeypatch):
     assert isinstance(second, Sample)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root can read a chmod 000 file")
-def test_unreadable_file_permissions(tmp_path):
+def test_unreadable_file_permissions(tmp_path, monkeypatch):
+    """A chmod 000 file is skipped and counted as unreadable_image, when decoding it and when
+    reading its bytes for the feature cache. Root reads such a file anyway, so open() is made to
+    do the kernel's permission check itself: the PermissionError any other user gets."""
+    import builtins
+
+    from qformer.data.reading import SkipSample, read_image_bytes
+
     rand_rgb(0).save(tmp_path / "locked.png")
+    rand_rgb(1).save(tmp_path / "ok.png")
+    real_open = builtins.open
+
+    def checked_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.exists(file) and not os.stat(file).st_mode & 0o444:
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", checked_open)  # PIL's Image.open
+    monkeypatch.setattr(io, "open", checked_open)  # pathlib's read_bytes
+    path = write_jsonl(tmp_path / "u.jsonl", [{"image": "locked.png", "text": "a"}, {"image": "ok.png", "text": "b"}])
+    ds = open_caption_dataset(str(path), vision=VISION, train=False)
     os.chmod(tmp_path / "locked.png", 0)
-    path = write_jsonl(tmp_path / "u.jsonl", [{"image": "locked.png", "text": "a"}])
     try:
-        item = open_caption_dataset(str(path), vision=VISION, train=False)[0]
+        locked, ok = ds[0], ds[1]
+        with pytest.raises(SkipSample) as skip:
+            read_image_bytes(str(tmp_path / "locked.png"), where="locked.png")
     finally:
         os.chmod(tmp_path / "locked.png", 0o644)
-    assert isinstance(item, Skipped) and item.report.counts == {"unreadable_image": 1}
+    assert isinstance(locked, Skipped) and locked.reason == "unreadable_image"
+    assert locked.report.counts == {"unreadable_image": 1}
+    assert locked.report.examples["unreadable_image"] == [str(tmp_path / "locked.png")]
+    assert skip.value.reason == "unreadable_image" and isinstance(ok, Sample)
 
 
 def test_imagefolder_bad_images_are_skipped_lazily(tmp_path):

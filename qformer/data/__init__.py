@@ -13,23 +13,41 @@ Pipeline: a *source* (:mod:`.sources`) yields undecoded records; a *processor* (
 validates one record when it is loaded and returns a sample or a ``Skipped`` sentinel; a
 *dataset* (:mod:`.dataset`) is map-style or streaming; a *collator* (:mod:`.collate`) drops the
 sentinels, stacks, tokenises and attaches the batch's counts; the *loader* (:mod:`.loader`)
-merges those counts, skips empty batches and keeps ranks in step. :mod:`.cache` stores the frozen
-tower's features for runs without augmentation.
+merges those counts (:mod:`.report`), skips empty batches and
+keeps ranks in step. :mod:`.reading` turns a record's image into pixels or bytes (decoding is
+:mod:`qformer.images`), naming every failure as a skip reason. :mod:`.cache` stores the frozen
+tower's features for runs without augmentation. :mod:`.prepare` (not imported here) turns the
+standard COCO / Visual Genome downloads and image folders into files the sources read.
 """
 
-from .cache import FeatureCache, FeatureCacheWriter, fill_feature_cache, tower_fingerprint, weights_fingerprint
+from .cache import (
+    FeatureCache,
+    FeatureCacheWriter,
+    FeatureTower,
+    fill_feature_cache,
+    tower_fingerprint,
+    weights_fingerprint,
+)
 from .collate import CollatedSamples, Stage1Collator, Stage2Collator, collate_samples, is_empty_batch, stable_image_id
 from .dataset import CaptionDataset, IterableCaptionDataset, open_caption_dataset
 from .loader import CaptionLoader, ResumableSampler
-from .report import CONVERTED, DATA_STATS_KEY, SKIP_REASONS, DataReport, NoUsableDataError, merge_reports
-from .samples import Sample, SampleProcessor, Skipped, image_content_key, read_image
+from .reading import SkipSample, image_content_key, read_image
+from .report import (
+    CONVERTED,
+    DATA_STATS_KEY,
+    SKIP_REASONS,
+    DataReport,
+    NoUsableDataError,
+    merge_reports,
+)
+from .samples import Sample, SampleProcessor, Skipped
 from .sources import (
     BadRecord,
     CaptionRecord,
     CaptionSource,
     DatasetSpecError,
-    FileCaptionSource,
     ConcatCaptionSource,
+    FileCaptionSource,
     HFCaptionSource,
     WebDatasetCaptionSource,
     detect_spec_kind,
@@ -57,13 +75,14 @@ __all__ = [
     "CaptionRecord",
     "CaptionSource",
     "CollatedSamples",
+    "ConcatCaptionSource",
     "DataReport",
     "DatasetSpecError",
     "EvalTransform",
     "FeatureCache",
     "FeatureCacheWriter",
+    "FeatureTower",
     "FileCaptionSource",
-    "ConcatCaptionSource",
     "HFCaptionSource",
     "ImageTransform",
     "IterableCaptionDataset",
@@ -71,6 +90,7 @@ __all__ = [
     "ResumableSampler",
     "Sample",
     "SampleProcessor",
+    "SkipSample",
     "Skipped",
     "Stage1Collator",
     "Stage2Collator",

@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import ConfigError
 from .report import DATA_STATS_KEY, DataReport
 from .samples import Sample, Skipped
+from .transforms import sample_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["CollatedSamples", "Stage1Collator", "collate_samples", "is_empty_batch", "stable_image_id"]
+__all__ = ["CollatedSamples", "Stage1Collator", "Stage2Collator", "collate_samples", "is_empty_batch", "stable_image_id"]
 
 
 def stable_image_id(image_id: Any) -> int:
@@ -118,7 +120,7 @@ class Stage1Collator:
 
     def __init__(self, tokenizer: "PreTrainedTokenizerBase", *, max_length: int = 32) -> None:
         if getattr(tokenizer, "truncation_side", "right") != "right":
-            raise ValueError("Stage1Collator needs a tokenizer that truncates on the right (BLIP-2 keeps the caption's start)")
+            raise ConfigError("Stage1Collator needs a tokenizer that truncates on the right (BLIP-2 keeps the caption's start)")
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
 
@@ -148,8 +150,6 @@ class Stage2Collator:
         self.seed = int(seed)
 
     def __call__(self, items: Sequence[Sample | Skipped]) -> dict[str, Any]:
-        from .transforms import sample_seed
-
         collated = collate_samples(items)
         if len(collated) == 0:
             return {DATA_STATS_KEY: collated.report}

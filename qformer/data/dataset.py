@@ -26,6 +26,8 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..config import VisionConfig
 from ..distributed import dist_info
+from ..errors import ConfigError
+from .cache import FeatureCache
 from .report import DataReport, NoUsableDataError
 from .samples import Sample, SampleProcessor, Skipped
 from .sources import CaptionSource, open_caption_source
@@ -196,7 +198,7 @@ def open_caption_dataset(
     captions: CaptionCleaner | None = None,
     min_image_size: int = 8,
     scan: bool = False,
-    feature_cache: Any = None,
+    feature_cache: FeatureCache | None = None,
     seed: int = 0,
     shuffle_buffer: int = 0,
     rank: int | None = None,
@@ -226,13 +228,13 @@ def open_caption_dataset(
     """
     source = open_caption_source(spec, split=split, streaming=streaming, **source_options)
     if feature_cache is not None and train and (transform is None or getattr(transform, "is_random", True)):
-        raise ValueError(
+        raise ConfigError(
             f"{source.name}: the feature cache holds features of un-augmented images and cannot be used with random "
             "augmentation; pass train=False to read cached features (or drop feature_cache to augment)"
         )
     if transform is None and feature_cache is None:
         if vision is None:
-            raise ValueError("open_caption_dataset needs vision= (the tower's VisionConfig) or transform=")
+            raise ConfigError("open_caption_dataset needs vision= (the tower's VisionConfig) or transform=")
         transform = build_image_transform(vision, train=train)
     processor = SampleProcessor(
         transform=None if feature_cache is not None else transform,
@@ -243,7 +245,7 @@ def open_caption_dataset(
     if source.is_map_style:
         return CaptionDataset(source, processor=processor, seed=seed, scan=scan, progress=progress)
     if scan:
-        raise ValueError(f"{source.name}: scan=True needs a map-style source (a streaming one has no index to prune)")
+        raise ConfigError(f"{source.name}: scan=True needs a map-style source (a streaming one has no index to prune)")
     return IterableCaptionDataset(source, processor=processor, seed=seed, shuffle_buffer=shuffle_buffer, rank=rank,
                                   world_size=world_size)
 

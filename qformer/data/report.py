@@ -11,12 +11,17 @@ merged at the end with :meth:`DataReport.all_reduce`.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
+
+import torch.distributed as dist
+
+from ..distributed import dist_info
+from ..errors import DataError
+from ..io import atomic_write_json
 
 __all__ = [
     "CONVERTED",
@@ -24,7 +29,6 @@ __all__ = [
     "SKIP_REASONS",
     "DataReport",
     "NoUsableDataError",
-    "atomic_write_text",
     "merge_reports",
 ]
 
@@ -52,7 +56,7 @@ SKIP_REASONS: tuple[str, ...] = (
 CONVERTED = "converted"
 
 
-class NoUsableDataError(RuntimeError):
+class NoUsableDataError(DataError, RuntimeError):
     """Nothing usable is left in a dataset (or an epoch yielded no sample); names the reasons."""
 
 
@@ -132,6 +136,15 @@ class DataReport:
         prefix = CONVERTED + ":"
         return {k[len(prefix):]: v for k, v in sorted(self.counts.items()) if k.startswith(prefix) and v}
 
+    def summary_fields(self) -> dict[str, Any]:
+        """``usable_samples``, ``skipped_total``, ``skipped``, ``converted``: the human-facing counts."""
+        return {
+            "usable_samples": self.samples,
+            "skipped_total": self.skipped,
+            "skipped": self.skipped_by_reason(),
+            "converted": {"total": self.converted, "by_mode": self.converted_by_mode()},
+        }
+
     def summary(self) -> str:
         """One line: usable samples, then each skip reason with its count and an example."""
         parts = [f"{self.samples} usable"]
@@ -159,10 +172,7 @@ class DataReport:
         """A JSON-able dict: summary fields first, then the raw counts and examples."""
         return {
             "dataset": self.dataset,
-            "usable_samples": self.samples,
-            "skipped_total": self.skipped,
-            "skipped": self.skipped_by_reason(),
-            "converted": {"total": self.converted, "by_mode": self.converted_by_mode()},
+            **self.summary_fields(),
             "counts": dict(sorted(self.counts.items())),
             "examples": {k: list(v) for k, v in sorted(self.examples.items()) if v},
         }
@@ -175,29 +185,24 @@ class DataReport:
             examples={str(k): list(v) for k, v in dict(data.get("examples", {})).items()},
         )
 
-    def write(self, output_dir: str | os.PathLike, *, filename: str = "data_report.json", extra: Mapping[str, Any] | None = None) -> Path:
-        """Write ``output_dir/filename`` atomically (temp file + rename); returns its path."""
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    def write(self, output_dir: str | os.PathLike, *, filename: str = "data_report.json",
+              extra: Mapping[str, Any] | None = None) -> Path:
+        """Write :meth:`to_dict` (plus ``extra``) to ``output_dir/filename`` atomically; returns its path."""
         payload = self.to_dict()
         if extra:
             payload.update(extra)
-        path = out / filename
-        atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
-        return path
+        return atomic_write_json(Path(output_dir) / filename, payload)
 
     # -- ranks --------------------------------------------------------------------------------
 
     def all_reduce(self, *, world_size: int | None = None, group: Any = None) -> "DataReport":
-        """The sum of every rank's report (a new object); with one process, a copy of this one.
+        """The sum of every rank's counts (a new object); with one process, a copy of this one.
 
         A collective: every rank must call it. It exchanges the (small) reports with
         ``all_gather_object`` so that counts under any key and the examples all merge.
         """
-        import torch.distributed as dist
-
         if world_size is None:
-            world_size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+            world_size = dist.get_world_size(group) if group is not None else dist_info()[1]
         if world_size == 1:
             return self.copy()
         gathered: list[Any] = [None] * world_size
@@ -211,16 +216,3 @@ def merge_reports(reports: Iterable[DataReport | None], *, dataset: str = "") ->
     for r in reports:
         out.merge(r)
     return out
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same directory, then ``os.replace``: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
