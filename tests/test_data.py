@@ -386,11 +386,14 @@ def build_messy(tmp_path: Path) -> tuple[Path, dict]:
     return write_jsonl(d / "messy.jsonl", rows), expected
 
 
-def check_report(data: dict, expected: dict) -> None:
-    assert data["usable_samples"] == expected["samples"]
-    assert data["skipped"] == expected["skipped"]
-    assert data["skipped_total"] == sum(expected["skipped"].values())
-    assert data["converted"] == expected["converted"]
+def check_report(data: dict, expected: dict, *, epochs: int = 1) -> None:
+    """Unique records at the top level; the events of ``epochs`` epochs under "events"."""
+    for counts, times in ((data, 1), (data["events"], epochs)):
+        assert counts["usable_samples"] == expected["samples"] * times
+        assert counts["skipped"] == {k: v * times for k, v in expected["skipped"].items()}
+        assert counts["skipped_total"] == sum(expected["skipped"].values()) * times
+        assert counts["converted"] == {"total": expected["converted"]["total"] * times,
+                                       "by_mode": {k: v * times for k, v in expected["converted"]["by_mode"].items()}}
 
 
 def test_bad_data_skipped_and_counted_exactly(tmp_path, tokenizer):
@@ -404,8 +407,9 @@ def test_bad_data_skipped_and_counted_exactly(tmp_path, tokenizer):
     out = loader.write_report(tmp_path / "run")
     data = json.loads(out.read_text())
     check_report(data, expected)
-    assert data["counts"]["empty_batches"] == 1 and data["counts"]["batches"] == 3
+    assert data["events"]["counts"]["empty_batches"] == 1 and data["events"]["counts"]["batches"] == 3
     assert data["dataset"] == f"jsonl:{path}" and data["epochs"] == 1
+    assert data["unique_basis"] == "per_record" and data["records"] == data["records_seen"] == 16 and data["complete"]
     assert str(path.parent / "missing.png") in data["examples"]["missing_image"]
     assert data["examples"]["bad_record"] == [f"{path}:16"]
     # The converted images have the right colours (CMYK -> magenta, transparent -> white, palette entry 1).
@@ -452,7 +456,7 @@ def test_scan_drops_bad_records_up_front(tmp_path, tokenizer):
     loader = CaptionLoader(ds, Stage1Collator(tokenizer), batch_size=4, shuffle=False)
     assert len(loader) == 2 and [len(b["image_ids"]) for b in loader] == [4, 2]
     data = json.loads(loader.write_report(tmp_path / "run").read_text())
-    assert data["skipped_total"] == 0 and data["usable_samples"] == 6
+    assert data["skipped_total"] == 0 and data["usable_samples"] == 6 and data["records"] == 6
     assert data["scan"]["skipped"] == expected["skipped"] and data["scan"]["counts"]["scanned"] == 16
 
 
@@ -602,6 +606,9 @@ def test_loader_resume_is_exact(tmp_path, tokenizer):
         assert torch.equal(a["image_ids"], b["image_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
     assert resumed.report.counts["samples"] == full.report.counts["samples"] == 7
     assert resumed.report.count("missing_image") == 1 and resumed.epoch == 2
+    # The record statuses read before the checkpoint travel with it: the unique counts are exact.
+    assert resumed.merged_report().to_dict() == full.merged_report().to_dict()
+    assert resumed.status.seen == 8 and resumed.status.counts() == {"usable": 7, "missing_image": 1}
 
 
 def test_streaming_loader_drop_last_resume_and_full_batches(tmp_path):
@@ -622,7 +629,12 @@ def test_streaming_loader_drop_last_resume_and_full_batches(tmp_path):
     ref = epoch_of(full)
     # Bad records are filtered in the stream, so batches stay full; the odd one out is dropped.
     assert [len(b["image_ids"]) for b in ref] == [2, 2, 2, 2]
-    assert full.report.counts == {"samples": 8, "batches": 4, "missing_image": 1, "dropped_last": 1, "epochs": 1}
+    assert full.report.counts == {"samples": 8, "batches": 4, "missing_image": 1, "dropped_last": 1}
+    assert full.epochs_done == 1
+    # The unique count is of what the stream held (the dropped last sample was read: it is usable).
+    unique = full.merged_report()
+    assert unique.unique_basis == "first_epoch" and unique.complete and unique.records == 10
+    assert unique.unique.samples == 9 and unique.unique.skipped_by_reason() == {"missing_image": 1}
     part = make(drop_last=True)
     it = iter(part)
     head = [next(it)]
@@ -632,9 +644,10 @@ def test_streaming_loader_drop_last_resume_and_full_batches(tmp_path):
     assert len(head) + len(tail) == len(ref)
     assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(head + tail, ref))
     assert resumed.report.counts == full.report.counts
+    assert resumed.merged_report().to_dict() == unique.to_dict()
     two = make(num_workers=2)
     assert sum(len(b["image_ids"]) for b in two) == 9
-    assert two.report.counts == {"samples": 9, "batches": 5, "missing_image": 1, "epochs": 1}  # no empty batch
+    assert two.report.counts == {"samples": 9, "batches": 5, "missing_image": 1}  # no empty batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -780,9 +793,12 @@ def test_two_ranks_merge_reports_and_balance_batches(tmp_path):
     assert r0["sizes"] == r1["sizes"] == [1]
     assert r0["local"]["empty_batches"] == 1 and r1["local"]["rank_skipped_batches"] == 1
     data = json.loads((tmp_path / "data_report.json").read_text())  # written by rank 0, merged over ranks
-    assert data["world_size"] == 2 and data["usable_samples"] == 2
-    assert data["skipped"] == {"missing_image": 3}
-    assert data["counts"]["rank_trimmed"] == 3 and data["counts"]["batches"] == 2
+    assert data["world_size"] == 2 and data["epochs"] == 1
+    # Unique records: 8 read, 3 missing; events: what training received after the balancing.
+    assert data["records"] == data["records_seen"] == 8 and data["usable_samples"] == 5
+    assert data["skipped"] == data["events"]["skipped"] == {"missing_image": 3}
+    assert data["events"]["usable_samples"] == 2
+    assert data["events"]["counts"]["rank_trimmed"] == 3 and data["events"]["counts"]["batches"] == 2
 
 
 def test_several_datasets_concatenate_with_distinct_ids(tmp_path):

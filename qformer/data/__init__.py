@@ -7,13 +7,13 @@ tokenising collators and a frozen-ViT feature cache.
     loader = CaptionLoader(ds, Stage1Collator(tokenizer), batch_size=100, num_workers=8)
     for batch in loader:                      # clean dicts: pixel_values, input_ids, attention_mask, image_ids
         objective(**batch)
-    loader.write_report(output_dir)           # data_report.json: skipped / converted counts, merged over ranks
+    loader.write_report(output_dir)           # data_report.json: unique records + per-epoch events, all ranks
 
 Pipeline: a *source* (:mod:`.sources`) yields undecoded records; a *processor* (:mod:`.samples`)
 validates one record when it is loaded and returns a sample or a ``Skipped`` sentinel; a
 *dataset* (:mod:`.dataset`) is map-style or streaming; a *collator* (:mod:`.collate`) drops the
 sentinels, stacks, tokenises and attaches the batch's counts; the *loader* (:mod:`.loader`)
-merges those counts (:mod:`.report`), skips empty batches and
+merges those counts (:mod:`.report`: once per record, and per epoch), skips empty batches and
 keeps ranks in step. :mod:`.reading` turns a record's image into pixels or bytes (decoding is
 :mod:`qformer.images`), naming every failure as a skip reason. :mod:`.cache` stores the frozen
 tower's features for runs without augmentation. :mod:`.prepare` (not imported here) turns the
@@ -36,11 +36,14 @@ from .report import (
     CONVERTED,
     DATA_STATS_KEY,
     SKIP_REASONS,
+    USABLE,
     DataReport,
+    LoaderReport,
     NoUsableDataError,
+    RecordStatus,
     merge_reports,
 )
-from .samples import Sample, SampleProcessor, Skipped
+from .samples import Sample, SampleProcessor, Skipped, record_status
 from .sources import (
     BadRecord,
     CaptionRecord,
@@ -68,6 +71,7 @@ __all__ = [
     "CONVERTED",
     "DATA_STATS_KEY",
     "SKIP_REASONS",
+    "USABLE",
     "BadRecord",
     "CaptionCleaner",
     "CaptionDataset",
@@ -86,7 +90,9 @@ __all__ = [
     "HFCaptionSource",
     "ImageTransform",
     "IterableCaptionDataset",
+    "LoaderReport",
     "NoUsableDataError",
+    "RecordStatus",
     "ResumableSampler",
     "Sample",
     "SampleProcessor",
@@ -107,6 +113,7 @@ __all__ = [
     "open_caption_source",
     "pre_caption",
     "read_image",
+    "record_status",
     "sample_generator",
     "sample_seed",
     "stable_image_id",

@@ -6,8 +6,10 @@ with the stage-2 collator (which tokenises for the LLM instead of BERT).
 
 Every collated batch carries its :class:`~qformer.data.report.DataReport` delta under
 :data:`~qformer.data.report.DATA_STATS_KEY`: samples used, batches, empty batches, skips and
-conversions. :class:`~qformer.data.loader.CaptionLoader` pops it and merges it; a loop that
-iterates a plain DataLoader must pop it too before calling the model.
+conversions, and (map-style datasets) the dataset index and status of every record it read, from
+which the loader counts each record once however many epochs read it.
+:class:`~qformer.data.loader.CaptionLoader` pops it and merges it; a loop that iterates a plain
+DataLoader must pop it too before calling the model.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from .report import DATA_STATS_KEY, DataReport
-from .samples import Sample, Skipped
+from .samples import Sample, Skipped, record_status
 from .transforms import sample_seed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,6 +84,8 @@ def collate_samples(items: Sequence[Sample | Skipped]) -> CollatedSamples:
             continue
         if item.report is not None:
             report.merge(item.report)
+        if item.index is not None:
+            report.records[item.index] = record_status(item)
         if isinstance(item, Sample):
             good.append(item)
     if not good:

@@ -89,7 +89,9 @@ class CaptionDataset(Dataset):
         src = self.source_index(int(index))
         record = self.source.record(src)
         key = getattr(record, "key", str(src))
-        return self.processor(record, generator=sample_generator(self.seed, self.epoch, key))
+        item = self.processor(record, generator=sample_generator(self.seed, self.epoch, key))
+        item.index = int(index)  # the loader counts each record once by this index (see .report)
+        return item
 
     def scan(self, *, progress: bool = False) -> DataReport:
         """Validate every record and keep the usable ones; returns (and stores) the scan report."""

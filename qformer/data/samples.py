@@ -11,6 +11,10 @@ Checks, cheapest first: the caption (missing, empty after cleaning), then the im
 unreadable, corrupt, truncated, too large for PIL's bomb guard, smaller than ``min_image_size``
 on a side), then the mode conversion (a valid image in CMYK / RGBA / palette / greyscale / 16-bit
 is converted by :func:`qformer.images.to_rgb` and counted as ``converted:<MODE>``, not dropped).
+
+Both kinds of item also say which record they are (``index``, set by the map-style dataset) and
+what became of it (:func:`record_status`), so that the loader can count each record once however
+many epochs read it (see :mod:`qformer.data.report`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from PIL import Image
 from ..errors import ConfigError, ImageLoadError
 from .cache import FeatureCache
 from .reading import SkipSample, decode_or_skip, image_content_key, read_image, read_image_bytes
-from .report import CONVERTED, DataReport
+from .report import CONVERTED, USABLE, DataReport
 from .sources import BadRecord, CaptionRecord
 from .transforms import CaptionCleaner, ImageTransform
 
@@ -37,6 +41,7 @@ __all__ = [
     "converted_report",
     "image_content_key",
     "read_image",
+    "record_status",
 ]
 
 
@@ -46,6 +51,7 @@ class Sample:
 
     ``report`` is a delta to count with this sample (its mode conversion; in streaming datasets
     also the skips that preceded it), or None. ``mode``: the image's original PIL mode.
+    ``index``: the record's index in a map-style dataset (None when streaming).
     """
 
     caption: str
@@ -56,23 +62,33 @@ class Sample:
     vision_features: torch.Tensor | None = None
     report: DataReport | None = None
     mode: str = "RGB"
+    index: int | None = None
 
 
 @dataclass(kw_only=True)
 class Skipped:
     """A sentinel in place of a bad sample: the collator drops it and merges its ``report``.
 
-    ``reason``: why (one of :data:`~qformer.data.report.SKIP_REASONS`). ``carrier=True`` marks
-    the end-of-stream sentinel of a streaming dataset, which stands for no batch slot (only for
-    counts still to deliver); a batch of carriers only is not an empty batch.
+    ``reason``: why (one of :data:`~qformer.data.report.SKIP_REASONS`); ``index``: the record's
+    index in a map-style dataset. ``carrier=True`` marks the end-of-stream sentinel of a
+    streaming dataset, which stands for no record and no batch slot (only for counts still to
+    deliver); a batch of carriers only is not an empty batch.
     """
 
     report: DataReport = field(default_factory=DataReport)
     reason: str = ""
+    index: int | None = None
     carrier: bool = False
 
 
 SampleOrSkipped = Union[Sample, Skipped]
+
+
+def record_status(item: Sample | Skipped) -> str:
+    """What became of the item's record: ``usable``, ``converted:<MODE>`` or the skip reason."""
+    if isinstance(item, Sample):
+        return USABLE if item.mode == "RGB" else f"{CONVERTED}:{item.mode}"
+    return item.reason or "bad_record"
 
 
 @dataclass(kw_only=True)
