@@ -160,7 +160,8 @@ class IterableCaptionDataset(IterableDataset):
         epoch = self.epoch
         records: Iterator[Any] = self.source.iter_records(shard=consumer, num_shards=consumers)
         if self.shuffle_buffer > 1:
-            records = _buffer_shuffle(records, self.shuffle_buffer, random.Random(f"{self.seed}/{epoch}/{consumer}"))
+            records = _buffer_shuffle(records, size=self.shuffle_buffer,
+                                      rng=random.Random(f"{self.seed}/{epoch}/{consumer}"))
         pending = DataReport()
         for record in records:
             item = self.processor(record, generator=sample_generator(self.seed, epoch, getattr(record, "key", "")))
@@ -175,7 +176,7 @@ class IterableCaptionDataset(IterableDataset):
             yield Skipped(report=pending, carrier=True)
 
 
-def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+def _buffer_shuffle(items: Iterator[Any], *, size: int, rng: random.Random) -> Iterator[Any]:
     """A seeded shuffle buffer of ``size`` items (webdataset-style)."""
     buf: list[Any] = []
     for item in items:

@@ -176,8 +176,10 @@ class CaptionLoader:
     def state_dict(self, *, all_ranks: bool = False) -> dict[str, Any]:
         """Where to resume: the epoch, the raw batches consumed in it, and the counts so far.
 
-        Every rank holds only its own counts, while a checkpoint usually keeps one rank's state.
-        ``all_ranks=True`` (a collective: call it on every rank, e.g. just before saving) stores
+        Every rank holds only its own counts, while a checkpoint usually keeps one rank's state:
+        restored on every rank, rank 0's past events would then count once per rank, and the
+        other ranks' past would be lost. ``all_ranks=True`` (a collective: call it on every
+        rank, e.g. just before saving) stores
         the counts merged over ranks instead; :meth:`load_state_dict` then gives them to rank 0
         alone, so that the report merged after a resume counts every rank's past exactly once.
         """

@@ -31,7 +31,8 @@ Unique counts by kind of dataset:
 
     dataset         the dataset's name
     unique_basis    "per_record" (map-style, exact) or "first_epoch" (streaming: the first pass)
-    records         map-style: records in the dataset; streaming: records read in the first pass
+    records         map-style: records in the dataset (after a scan: those it kept); streaming:
+                    records read in the first pass
     records_seen    records read at least once (streaming: the same as records)
     complete        every record was read (map-style) / the first pass ended (streaming)
     usable_samples  unique records that gave a usable sample
@@ -129,7 +130,7 @@ class DataReport:
 
     # -- accumulate ---------------------------------------------------------------------------
 
-    def add(self, reason: str, example: str | None = None, n: int = 1) -> "DataReport":
+    def add(self, reason: str, example: str | None = None, *, n: int = 1) -> "DataReport":
         """Count ``n`` events of ``reason``; remember ``example`` if there is room."""
         if n:
             self.counts[reason] = self.counts.get(reason, 0) + int(n)
