@@ -17,8 +17,8 @@ Rows are {"image", "caption", "image_id"}, one per caption (folders: an imagefol
 of {"file_name", "text"}). Captions are only stripped: BLIP-2's cleaning happens in the collator.
 Empty captions, duplicate region phrases, annotations of unknown images and (--check-images)
 missing image files are dropped and counted. A summary is printed and written next to the output
-as <output>.report.json. The output is written to a temp file and renamed, so an interrupted run
-never leaves a partial file behind.
+as <output>.report.json. The output is written to a temp file and renamed (with the permissions your
+umask gives any new file), so an interrupted run never leaves a partial file behind.
 
 Exit status: 0 on success, 1 when no row was written, 2 when an input is missing or malformed.
 """
@@ -28,7 +28,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qformer.data.prepare import PrepareError, PrepareReport, prepare_coco, prepare_folder, prepare_vg, report_path
+from qformer.data.prepare import PrepareReport, prepare_coco, prepare_folder, prepare_vg, report_path
+from qformer.errors import QFormerError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = prepare(args)
-    except PrepareError as exc:
+    except QFormerError as exc:  # a missing or malformed input (PrepareError), named in one line
         print(f"prepare_data.py {args.dataset}: error: {exc}", file=sys.stderr)
         return 2
     print(report.summary())

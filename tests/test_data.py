@@ -45,7 +45,8 @@ from qformer.data import (
     stable_image_id,
     tower_fingerprint,
 )
-from qformer.vision import ImagePreprocessor, VisionTower
+from qformer.images import ImagePreprocessor
+from qformer.vision import VisionTower
 
 S = 32
 VISION = VisionConfig(image_size=S)
@@ -136,7 +137,7 @@ def test_train_transform_deterministic_shapes_and_normalisation():
     # Normalisation: any crop/flip of a solid image is solid.
     solid = Image.new("RGB", (45, 37), (200, 100, 50))
     assert torch.allclose(tf(solid, generator=sample_generator(0, 0, 1)), normalized((200, 100, 50)), atol=1e-5)
-    # Odd modes go through qformer.vision's conversion: transparent -> white, CMYK -> RGB.
+    # Odd modes go through qformer.images' conversion: transparent -> white, CMYK -> RGB.
     assert torch.allclose(tf(Image.new("RGBA", (20, 20), (255, 0, 0, 0)), generator=None), normalized((255, 255, 255)), atol=1e-5)
     assert torch.allclose(tf(Image.new("CMYK", (20, 20), (0, 255, 0, 0)), generator=None), normalized((255, 0, 255)), atol=1e-5)
 
@@ -215,8 +216,21 @@ def test_csv_and_tsv_sources_with_configurable_columns(tmp_path):
     (tmp_path / "data.tsv").write_text("image\ttext\nx.jpg\tA dog\n")
     tsv = open_caption_dataset(str(tmp_path / "data.tsv"), vision=VISION, train=False)
     assert tsv[0].caption == "a dog" and tsv[0].image_id == "x.jpg"
-    with pytest.raises(DatasetSpecError, match="no caption column"):
+    with pytest.raises(DatasetSpecError, match="no caption column") as err:
         open_caption_source(str(tmp_path / "data.csv"))
+    check_column_error(str(err.value), "caption", ["filepath", "title", "cocoid"])
+    with pytest.raises(DatasetSpecError, match="no image column 'photo'") as err:
+        open_caption_source(str(tmp_path / "data.csv"), image_column="photo", caption_column="title")
+    check_column_error(str(err.value), "image", ["filepath", "title", "cocoid"])
+    # Streaming finds a wrong column when the source is opened, not mid-epoch in a worker.
+    with pytest.raises(DatasetSpecError, match="no caption column 'caption'"):
+        open_caption_source(str(tmp_path / "data.tsv"), streaming=True, caption_column="caption")
+
+
+def check_column_error(message: str, role: str, columns: list[str]) -> None:
+    """One line that names the columns found and every way to choose one."""
+    assert "\n" not in message and str(columns) in message
+    assert f"--{role}-column NAME" in message and f"{role}_column=" in message and f"data.{role}_column" in message
 
 
 def test_imagefolder_source_via_datasets(tmp_path):
@@ -256,8 +270,12 @@ def test_in_memory_hub_dataset_list_captions_expand(tmp_path):
     stream = open_caption_dataset(hub.to_iterable_dataset(num_shards=2), vision=VISION, train=False)
     assert isinstance(stream, IterableCaptionDataset)
     assert sorted((s.caption, s.image_id) for s in stream) == [("a brown dog", 11), ("a cat", 12), ("a dog", 11)]
-    with pytest.raises(DatasetSpecError, match="no image column 'picture'"):
+    with pytest.raises(DatasetSpecError, match="no image column 'picture'") as err:
         open_caption_source(hub, image_column="picture")
+    check_column_error(str(err.value), "image", ["image", "sentences", "cocoid"])
+    with pytest.raises(DatasetSpecError, match="no caption column text / caption / captions / sentences") as err:
+        open_caption_source(hub.remove_columns("sentences"))
+    check_column_error(str(err.value), "caption", ["image", "cocoid"])
 
 
 def write_shards(tmp_path: Path) -> str:
@@ -368,11 +386,14 @@ def build_messy(tmp_path: Path) -> tuple[Path, dict]:
     return write_jsonl(d / "messy.jsonl", rows), expected
 
 
-def check_report(data: dict, expected: dict) -> None:
-    assert data["usable_samples"] == expected["samples"]
-    assert data["skipped"] == expected["skipped"]
-    assert data["skipped_total"] == sum(expected["skipped"].values())
-    assert data["converted"] == expected["converted"]
+def check_report(data: dict, expected: dict, *, epochs: int = 1) -> None:
+    """Unique records at the top level; the events of ``epochs`` epochs under "events"."""
+    for counts, times in ((data, 1), (data["events"], epochs)):
+        assert counts["usable_samples"] == expected["samples"] * times
+        assert counts["skipped"] == {k: v * times for k, v in expected["skipped"].items()}
+        assert counts["skipped_total"] == sum(expected["skipped"].values()) * times
+        assert counts["converted"] == {"total": expected["converted"]["total"] * times,
+                                       "by_mode": {k: v * times for k, v in expected["converted"]["by_mode"].items()}}
 
 
 def test_bad_data_skipped_and_counted_exactly(tmp_path, tokenizer):
@@ -386,8 +407,9 @@ def test_bad_data_skipped_and_counted_exactly(tmp_path, tokenizer):
     out = loader.write_report(tmp_path / "run")
     data = json.loads(out.read_text())
     check_report(data, expected)
-    assert data["counts"]["empty_batches"] == 1 and data["counts"]["batches"] == 3
+    assert data["events"]["counts"]["empty_batches"] == 1 and data["events"]["counts"]["batches"] == 3
     assert data["dataset"] == f"jsonl:{path}" and data["epochs"] == 1
+    assert data["unique_basis"] == "per_record" and data["records"] == data["records_seen"] == 16 and data["complete"]
     assert str(path.parent / "missing.png") in data["examples"]["missing_image"]
     assert data["examples"]["bad_record"] == [f"{path}:16"]
     # The converted images have the right colours (CMYK -> magenta, transparent -> white, palette entry 1).
@@ -434,7 +456,7 @@ def test_scan_drops_bad_records_up_front(tmp_path, tokenizer):
     loader = CaptionLoader(ds, Stage1Collator(tokenizer), batch_size=4, shuffle=False)
     assert len(loader) == 2 and [len(b["image_ids"]) for b in loader] == [4, 2]
     data = json.loads(loader.write_report(tmp_path / "run").read_text())
-    assert data["skipped_total"] == 0 and data["usable_samples"] == 6
+    assert data["skipped_total"] == 0 and data["usable_samples"] == 6 and data["records"] == 6
     assert data["scan"]["skipped"] == expected["skipped"] and data["scan"]["counts"]["scanned"] == 16
 
 
@@ -470,16 +492,38 @@ def test_unreadable_file_is_skipped(tmp_path, monkeypatch):
     assert isinstance(second, Sample)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root can read a chmod 000 file")
-def test_unreadable_file_permissions(tmp_path):
+def test_unreadable_file_permissions(tmp_path, monkeypatch):
+    """A chmod 000 file is skipped and counted as unreadable_image, when decoding it and when
+    reading its bytes for the feature cache. Root reads such a file anyway, so open() is made to
+    do the kernel's permission check itself: the PermissionError any other user gets."""
+    import builtins
+
+    from qformer.data.reading import SkipSample, read_image_bytes
+
     rand_rgb(0).save(tmp_path / "locked.png")
+    rand_rgb(1).save(tmp_path / "ok.png")
+    real_open = builtins.open
+
+    def checked_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.exists(file) and not os.stat(file).st_mode & 0o444:
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", checked_open)  # PIL's Image.open
+    monkeypatch.setattr(io, "open", checked_open)  # pathlib's read_bytes
+    path = write_jsonl(tmp_path / "u.jsonl", [{"image": "locked.png", "text": "a"}, {"image": "ok.png", "text": "b"}])
+    ds = open_caption_dataset(str(path), vision=VISION, train=False)
     os.chmod(tmp_path / "locked.png", 0)
-    path = write_jsonl(tmp_path / "u.jsonl", [{"image": "locked.png", "text": "a"}])
     try:
-        item = open_caption_dataset(str(path), vision=VISION, train=False)[0]
+        locked, ok = ds[0], ds[1]
+        with pytest.raises(SkipSample) as skip:
+            read_image_bytes(str(tmp_path / "locked.png"), where="locked.png")
     finally:
         os.chmod(tmp_path / "locked.png", 0o644)
-    assert isinstance(item, Skipped) and item.report.counts == {"unreadable_image": 1}
+    assert isinstance(locked, Skipped) and locked.reason == "unreadable_image"
+    assert locked.report.counts == {"unreadable_image": 1}
+    assert locked.report.examples["unreadable_image"] == [str(tmp_path / "locked.png")]
+    assert skip.value.reason == "unreadable_image" and isinstance(ok, Sample)
 
 
 def test_imagefolder_bad_images_are_skipped_lazily(tmp_path):
@@ -562,6 +606,9 @@ def test_loader_resume_is_exact(tmp_path, tokenizer):
         assert torch.equal(a["image_ids"], b["image_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
     assert resumed.report.counts["samples"] == full.report.counts["samples"] == 7
     assert resumed.report.count("missing_image") == 1 and resumed.epoch == 2
+    # The record statuses read before the checkpoint travel with it: the unique counts are exact.
+    assert resumed.merged_report().to_dict() == full.merged_report().to_dict()
+    assert resumed.status.seen == 8 and resumed.status.counts() == {"usable": 7, "missing_image": 1}
 
 
 def test_streaming_loader_drop_last_resume_and_full_batches(tmp_path):
@@ -582,7 +629,12 @@ def test_streaming_loader_drop_last_resume_and_full_batches(tmp_path):
     ref = epoch_of(full)
     # Bad records are filtered in the stream, so batches stay full; the odd one out is dropped.
     assert [len(b["image_ids"]) for b in ref] == [2, 2, 2, 2]
-    assert full.report.counts == {"samples": 8, "batches": 4, "missing_image": 1, "dropped_last": 1, "epochs": 1}
+    assert full.report.counts == {"samples": 8, "batches": 4, "missing_image": 1, "dropped_last": 1}
+    assert full.epochs_done == 1
+    # The unique count is of what the stream held (the dropped last sample was read: it is usable).
+    unique = full.merged_report()
+    assert unique.unique_basis == "first_epoch" and unique.complete and unique.records == 10
+    assert unique.unique.samples == 9 and unique.unique.skipped_by_reason() == {"missing_image": 1}
     part = make(drop_last=True)
     it = iter(part)
     head = [next(it)]
@@ -592,9 +644,10 @@ def test_streaming_loader_drop_last_resume_and_full_batches(tmp_path):
     assert len(head) + len(tail) == len(ref)
     assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(head + tail, ref))
     assert resumed.report.counts == full.report.counts
+    assert resumed.merged_report().to_dict() == unique.to_dict()
     two = make(num_workers=2)
     assert sum(len(b["image_ids"]) for b in two) == 9
-    assert two.report.counts == {"samples": 9, "batches": 5, "missing_image": 1, "epochs": 1}  # no empty batch
+    assert two.report.counts == {"samples": 9, "batches": 5, "missing_image": 1}  # no empty batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -740,9 +793,12 @@ def test_two_ranks_merge_reports_and_balance_batches(tmp_path):
     assert r0["sizes"] == r1["sizes"] == [1]
     assert r0["local"]["empty_batches"] == 1 and r1["local"]["rank_skipped_batches"] == 1
     data = json.loads((tmp_path / "data_report.json").read_text())  # written by rank 0, merged over ranks
-    assert data["world_size"] == 2 and data["usable_samples"] == 2
-    assert data["skipped"] == {"missing_image": 3}
-    assert data["counts"]["rank_trimmed"] == 3 and data["counts"]["batches"] == 2
+    assert data["world_size"] == 2 and data["epochs"] == 1
+    # Unique records: 8 read, 3 missing; events: what training received after the balancing.
+    assert data["records"] == data["records_seen"] == 8 and data["usable_samples"] == 5
+    assert data["skipped"] == data["events"]["skipped"] == {"missing_image": 3}
+    assert data["events"]["usable_samples"] == 2
+    assert data["events"]["counts"]["rank_trimmed"] == 3 and data["events"]["counts"]["batches"] == 2
 
 
 def test_several_datasets_concatenate_with_distinct_ids(tmp_path):

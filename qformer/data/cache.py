@@ -4,7 +4,7 @@ Why: BLIP-2's tower (EVA ViT-g, 1B parameters) is frozen, so without random augm
 output for an image never changes; recomputing it every epoch is most of a stage-1 step's cost.
 
 Key: ``(image content hash, tower identity)``. The content hash (blake2b of the encoded file
-bytes, see :func:`~qformer.data.samples.image_content_key`) makes an entry valid whatever path,
+bytes, see :func:`~qformer.data.reading.image_content_key`) makes an entry valid whatever path,
 dataset or split the image is reached through; the tower identity (:func:`tower_fingerprint`:
 its :class:`~qformer.config.VisionConfig` minus the weights location, plus a fingerprint of the
 weights themselves) is the cache *directory*, so a different tower, feature layer, image size,
@@ -17,8 +17,8 @@ Layout::
         shard-<uuid>.npy                 # features (n, N, C), float32 or float16, memory-mapped
         shard-<uuid>.json                # keys, original modes and sizes of those n images
 
-A shard is written to a temp file and renamed into place (``os.replace``), its ``.npy`` before its
-``.json``: the JSON is the commit marker, so readers never see half a shard, a crashed fill
+A shard is written with :mod:`qformer.io` (a temp file renamed into place, with the user's umask
+permissions), its ``.npy`` before its ``.json``: the JSON is the commit marker, so readers never see half a shard, a crashed fill
 loses at most the shard in flight, and several fillers may run at once (a key cached twice is
 harmless; the first shard read wins). Readers memory-map the ``.npy`` files, so DataLoader
 workers share the page cache and open nothing until first use.
@@ -26,6 +26,8 @@ workers share the page cache and open nothing until first use.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -33,21 +35,46 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..images import ImageLoadError
-from .report import CONVERTED, DataReport, NoUsableDataError, atomic_write_text
-from .samples import SkipSample, _read_bytes, decode_image_bytes, image_content_key
+from ..config import VisionConfig
+from ..errors import ConfigError, DataError, ImageLoadError
+from ..images import ImagePreprocessor
+from ..io import atomic_write_bytes, atomic_write_json
+from .reading import SkipSample, decode_or_skip, image_content_key, read_image_bytes
+from .report import CONVERTED, DataReport, NoUsableDataError
 from .sources import BadRecord, CaptionRecord, CaptionSource
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..vision import VisionTower
+__all__ = [
+    "FeatureCache",
+    "FeatureCacheWriter",
+    "FeatureTower",
+    "fill_feature_cache",
+    "tower_fingerprint",
+    "weights_fingerprint",
+]
 
-__all__ = ["FeatureCache", "FeatureCacheWriter", "fill_feature_cache", "tower_fingerprint", "weights_fingerprint"]
+
+class FeatureTower(Protocol):
+    """What the cache needs of a frozen vision tower (:class:`qformer.vision.VisionTower` is one):
+    its config and weights (its identity), its eval preprocessing, and its forward."""
+
+    config: VisionConfig
+    model: nn.Module
+    preprocessor: ImagePreprocessor
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def width(self) -> int: ...
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
+
 
 _FORMAT = 1
 _STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -60,8 +87,6 @@ def weights_fingerprint(module: nn.Module, *, samples: int = 64) -> str:
     weights) and in practice unique: two checkpoints agreeing on every sampled value of every
     tensor do not occur.
     """
-    import hashlib
-
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(module.state_dict().items()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
@@ -72,10 +97,8 @@ def weights_fingerprint(module: nn.Module, *, samples: int = 64) -> str:
     return h.hexdigest()
 
 
-def tower_fingerprint(tower: "VisionTower") -> str:
+def tower_fingerprint(tower: FeatureTower) -> str:
     """Identity of a tower's features: its VisionConfig (without ``pretrained``, a location) + weights."""
-    import hashlib
-
     cfg = tower.config.to_dict()
     cfg.pop("pretrained", None)
     h = hashlib.blake2b(digest_size=16)
@@ -108,7 +131,7 @@ class FeatureCache:
     def __init__(self, directory: str | os.PathLike, *, fingerprint: str | None = None, identity: dict[str, Any] | None = None,
                  storage_dtype: str = "float32") -> None:
         if storage_dtype not in _STORAGE_DTYPES:
-            raise ValueError(f"storage_dtype must be one of {sorted(_STORAGE_DTYPES)}, got {storage_dtype!r}")
+            raise ConfigError(f"storage_dtype must be one of {sorted(_STORAGE_DTYPES)}, got {storage_dtype!r}")
         self.directory = Path(directory)
         self.storage_dtype = storage_dtype
         self._identity = identity
@@ -118,7 +141,7 @@ class FeatureCache:
                 raise FileNotFoundError(2, "no feature cache (tower.json) in", str(self.directory))
             fingerprint = on_disk["fingerprint"]
         elif on_disk is not None and on_disk.get("fingerprint") != fingerprint:
-            raise ValueError(
+            raise DataError(
                 f"feature cache {self.directory} belongs to another tower (fingerprint {on_disk.get('fingerprint')}, "
                 f"expected {fingerprint})"
             )
@@ -127,7 +150,7 @@ class FeatureCache:
         self._index: dict[str, tuple[int, int]] = {}
 
     @classmethod
-    def for_tower(cls, root: str | os.PathLike, tower: "VisionTower", *, storage_dtype: str = "float32") -> "FeatureCache":
+    def for_tower(cls, root: str | os.PathLike, tower: FeatureTower, *, storage_dtype: str = "float32") -> "FeatureCache":
         """The cache of ``tower``'s features under ``root`` (one sub-directory per tower identity)."""
         fp = tower_fingerprint(tower)
         identity = {
@@ -217,7 +240,7 @@ class FeatureCache:
         if not path.is_file():
             identity = dict(self._identity or {"format": _FORMAT, "fingerprint": self.fingerprint})
             identity["storage_dtype"] = self.storage_dtype
-            atomic_write_text(path, json.dumps(identity, indent=2, default=str) + "\n")
+            atomic_write_json(path, identity, default=str)
 
     def __repr__(self) -> str:
         return f"FeatureCache({self.directory})"
@@ -245,18 +268,11 @@ class FeatureCacheWriter:
         cache = self.cache
         cache._ensure_identity()
         name = f"shard-{uuid.uuid4().hex}"
-        npy = cache.directory / f"{name}.npy"
-        tmp = cache.directory / f".{name}.npy.tmp"
         stacked = np.stack([r[1] for r in self._rows])  # (n, N, C)
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, stacked)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, npy)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        buf = io.BytesIO()
+        np.save(buf, stacked)
+        # getbuffer(): a view, not a third copy of a shard that can be hundreds of MB.
+        atomic_write_bytes(cache.directory / f"{name}.npy", buf.getbuffer(), fsync=True)  # type: ignore[arg-type]
         meta = {
             "format": _FORMAT,
             "fingerprint": cache.fingerprint,
@@ -267,7 +283,7 @@ class FeatureCacheWriter:
             "dtype": cache.storage_dtype,
         }
         meta_path = cache.directory / f"{name}.json"
-        atomic_write_text(meta_path, json.dumps(meta) + "\n")  # the commit marker
+        atomic_write_json(meta_path, meta, indent=None)  # the commit marker, written after the .npy
         self.written += len(self._rows)
         self._rows = []
         cache._add_shard(meta_path, meta)
@@ -292,7 +308,7 @@ def _records_of(data: Any) -> tuple[Iterable[CaptionRecord | BadRecord], int | N
 @torch.no_grad()
 def fill_feature_cache(
     cache: FeatureCache,
-    tower: "VisionTower",
+    tower: FeatureTower,
     data: Any,
     *,
     batch_size: int = 32,
@@ -304,7 +320,7 @@ def fill_feature_cache(
 
     ``data``: a :class:`~qformer.data.sources.CaptionSource`, a caption dataset (its source is
     used) or an iterable of records. Images are preprocessed with the tower's eval transform
-    (:class:`~qformer.vision.ImagePreprocessor`), deduplicated by content, and those already in
+    (:class:`~qformer.images.ImagePreprocessor`), deduplicated by content, and those already in
     the cache are not recomputed (a second run calls the tower zero times). Captions are not
     checked here. Bad images are skipped and counted as in training.
 
@@ -316,7 +332,7 @@ def fill_feature_cache(
 
     fp = tower_fingerprint(tower)
     if fp != cache.fingerprint:
-        raise ValueError(f"{cache} was opened for another tower (fingerprint {cache.fingerprint}, this tower {fp})")
+        raise DataError(f"{cache} was opened for another tower (fingerprint {cache.fingerprint}, this tower {fp})")
     records, total, name = _records_of(data)
     report = DataReport(dataset=name)
     preprocess = tower.preprocessor
@@ -340,12 +356,12 @@ def fill_feature_cache(
                 report.add(rec.reason, rec.where)
                 continue
             try:
-                raw = _read_bytes(rec.image, where=rec.where)
+                raw = read_image_bytes(rec.image, where=rec.where)
                 key = image_content_key(raw)
                 if key in seen or key in cache:
                     report.add("feature_cache_hits")
                     continue
-                img = raw if not isinstance(raw, bytes) else decode_image_bytes(raw, where=rec.where)
+                img = raw if not isinstance(raw, bytes) else decode_or_skip(raw, where=rec.where)
                 if min(img.size) < min_image_size:
                     raise SkipSample("tiny_image", rec.where, f"{img.size[0]}x{img.size[1]}")
                 try:

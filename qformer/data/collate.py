@@ -6,8 +6,10 @@ with the stage-2 collator (which tokenises for the LLM instead of BERT).
 
 Every collated batch carries its :class:`~qformer.data.report.DataReport` delta under
 :data:`~qformer.data.report.DATA_STATS_KEY`: samples used, batches, empty batches, skips and
-conversions. :class:`~qformer.data.loader.CaptionLoader` pops it and merges it; a loop that
-iterates a plain DataLoader must pop it too before calling the model.
+conversions, and (map-style datasets) the dataset index and status of every record it read, from
+which the loader counts each record once however many epochs read it.
+:class:`~qformer.data.loader.CaptionLoader` pops it and merges it; a loop that iterates a plain
+DataLoader must pop it too before calling the model.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import ConfigError
 from .report import DATA_STATS_KEY, DataReport
-from .samples import Sample, Skipped
+from .samples import Sample, Skipped, record_status
+from .transforms import sample_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["CollatedSamples", "Stage1Collator", "collate_samples", "is_empty_batch", "stable_image_id"]
+__all__ = ["CollatedSamples", "Stage1Collator", "Stage2Collator", "collate_samples", "is_empty_batch", "stable_image_id"]
 
 
 def stable_image_id(image_id: Any) -> int:
@@ -80,6 +84,8 @@ def collate_samples(items: Sequence[Sample | Skipped]) -> CollatedSamples:
             continue
         if item.report is not None:
             report.merge(item.report)
+        if item.index is not None:
+            report.records[item.index] = record_status(item)
         if isinstance(item, Sample):
             good.append(item)
     if not good:
@@ -118,7 +124,7 @@ class Stage1Collator:
 
     def __init__(self, tokenizer: "PreTrainedTokenizerBase", *, max_length: int = 32) -> None:
         if getattr(tokenizer, "truncation_side", "right") != "right":
-            raise ValueError("Stage1Collator needs a tokenizer that truncates on the right (BLIP-2 keeps the caption's start)")
+            raise ConfigError("Stage1Collator needs a tokenizer that truncates on the right (BLIP-2 keeps the caption's start)")
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
 
@@ -148,8 +154,6 @@ class Stage2Collator:
         self.seed = int(seed)
 
     def __call__(self, items: Sequence[Sample | Skipped]) -> dict[str, Any]:
-        from .transforms import sample_seed
-
         collated = collate_samples(items)
         if len(collated) == 0:
             return {DATA_STATS_KEY: collated.report}

@@ -26,6 +26,8 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..config import VisionConfig
 from ..distributed import dist_info
+from ..errors import ConfigError
+from .cache import FeatureCache
 from .report import DataReport, NoUsableDataError
 from .samples import Sample, SampleProcessor, Skipped
 from .sources import CaptionSource, open_caption_source
@@ -87,7 +89,9 @@ class CaptionDataset(Dataset):
         src = self.source_index(int(index))
         record = self.source.record(src)
         key = getattr(record, "key", str(src))
-        return self.processor(record, generator=sample_generator(self.seed, self.epoch, key))
+        item = self.processor(record, generator=sample_generator(self.seed, self.epoch, key))
+        item.index = int(index)  # the loader counts each record once by this index (see .report)
+        return item
 
     def scan(self, *, progress: bool = False) -> DataReport:
         """Validate every record and keep the usable ones; returns (and stores) the scan report."""
@@ -156,7 +160,8 @@ class IterableCaptionDataset(IterableDataset):
         epoch = self.epoch
         records: Iterator[Any] = self.source.iter_records(shard=consumer, num_shards=consumers)
         if self.shuffle_buffer > 1:
-            records = _buffer_shuffle(records, self.shuffle_buffer, random.Random(f"{self.seed}/{epoch}/{consumer}"))
+            records = _buffer_shuffle(records, size=self.shuffle_buffer,
+                                      rng=random.Random(f"{self.seed}/{epoch}/{consumer}"))
         pending = DataReport()
         for record in records:
             item = self.processor(record, generator=sample_generator(self.seed, epoch, getattr(record, "key", "")))
@@ -171,7 +176,7 @@ class IterableCaptionDataset(IterableDataset):
             yield Skipped(report=pending, carrier=True)
 
 
-def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+def _buffer_shuffle(items: Iterator[Any], *, size: int, rng: random.Random) -> Iterator[Any]:
     """A seeded shuffle buffer of ``size`` items (webdataset-style)."""
     buf: list[Any] = []
     for item in items:
@@ -196,7 +201,7 @@ def open_caption_dataset(
     captions: CaptionCleaner | None = None,
     min_image_size: int = 8,
     scan: bool = False,
-    feature_cache: Any = None,
+    feature_cache: FeatureCache | None = None,
     seed: int = 0,
     shuffle_buffer: int = 0,
     rank: int | None = None,
@@ -226,13 +231,13 @@ def open_caption_dataset(
     """
     source = open_caption_source(spec, split=split, streaming=streaming, **source_options)
     if feature_cache is not None and train and (transform is None or getattr(transform, "is_random", True)):
-        raise ValueError(
+        raise ConfigError(
             f"{source.name}: the feature cache holds features of un-augmented images and cannot be used with random "
             "augmentation; pass train=False to read cached features (or drop feature_cache to augment)"
         )
     if transform is None and feature_cache is None:
         if vision is None:
-            raise ValueError("open_caption_dataset needs vision= (the tower's VisionConfig) or transform=")
+            raise ConfigError("open_caption_dataset needs vision= (the tower's VisionConfig) or transform=")
         transform = build_image_transform(vision, train=train)
     processor = SampleProcessor(
         transform=None if feature_cache is not None else transform,
@@ -243,7 +248,7 @@ def open_caption_dataset(
     if source.is_map_style:
         return CaptionDataset(source, processor=processor, seed=seed, scan=scan, progress=progress)
     if scan:
-        raise ValueError(f"{source.name}: scan=True needs a map-style source (a streaming one has no index to prune)")
+        raise ConfigError(f"{source.name}: scan=True needs a map-style source (a streaming one has no index to prune)")
     return IterableCaptionDataset(source, processor=processor, seed=seed, shuffle_buffer=shuffle_buffer, rank=rank,
                                   world_size=world_size)
 

@@ -11,9 +11,13 @@ datasets) and, for every batch, pops the batch's counts (``data_stats``), merges
 * at the end of an epoch with no usable sample (summed over ranks), raises
   :class:`~qformer.data.report.NoUsableDataError` naming the dataset and the reason counts.
 
-:meth:`CaptionLoader.write_report` merges the ranks' reports and writes ``data_report.json``.
-:meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch exactly (map-style: the sampler
-restarts at the next unseen index; streaming: the consumed batches are read and discarded).
+It also counts every record once, however many epochs read it: for map-style datasets the
+batch's record statuses go into a :class:`~qformer.data.report.RecordStatus` indexed by the
+dataset index; for streaming ones the first pass over the data is kept apart as the unique count.
+:meth:`CaptionLoader.write_report` merges the ranks' counts and writes ``data_report.json``
+(fields: :mod:`qformer.data.report`). :meth:`state_dict` / :meth:`load_state_dict` resume
+mid-epoch exactly (map-style: the sampler restarts at the next unseen index; streaming: the
+consumed batches are read and discarded).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..distributed import dist_info
 from .collate import is_empty_batch
 from .dataset import CaptionDataset
-from .report import DATA_STATS_KEY, DataReport
+from .report import DATA_STATS_KEY, DataReport, LoaderReport, RecordStatus
 
 __all__ = ["CaptionLoader", "ResumableSampler"]
 
@@ -145,8 +149,14 @@ class CaptionLoader:
             **kwargs,
         )
         self.epoch = 0
-        self.report = DataReport(dataset=self.name)  # everything consumed, this rank
-        self.epoch_report = DataReport(dataset=self.name)
+        self.epochs_done = 0  # epochs this loader finished (restored on resume)
+        self.report = DataReport(dataset=self.name)  # events of finished epochs, this rank
+        self.epoch_report = DataReport(dataset=self.name)  # events of the current epoch
+        # Unique records: map-style, each record's latest status by dataset index; streaming,
+        # the raw counts of the first pass (before rank trimming / drop_last adjust the events).
+        self.status: RecordStatus | None = RecordStatus(len(dataset)) if self.map_style else None
+        self.first_pass = DataReport(dataset=self.name)
+        self.first_pass_done = False
         self._batches_done = 0  # raw DataLoader batches consumed in the current epoch
         self._resume_batches = 0
 
@@ -163,21 +173,50 @@ class CaptionLoader:
         n = self.sampler.per_rank
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Where to resume: the epoch, the raw batches consumed in it, and the counts so far."""
+    def state_dict(self, *, all_ranks: bool = False) -> dict[str, Any]:
+        """Where to resume: the epoch, the raw batches consumed in it, and the counts so far.
+
+        Every rank holds only its own counts, while a checkpoint usually keeps one rank's state:
+        restored on every rank, rank 0's past events would then count once per rank, and the
+        other ranks' past would be lost. ``all_ranks=True`` (a collective: call it on every
+        rank, e.g. just before saving) stores
+        the counts merged over ranks instead; :meth:`load_state_dict` then gives them to rank 0
+        alone, so that the report merged after a resume counts every rank's past exactly once.
+        """
+        report, epoch_report, first, status = self.report, self.epoch_report, self.first_pass, self.status
+        merged = all_ranks and self.world_size > 1
+        if merged:
+            report = report.all_reduce(world_size=self.world_size)
+            epoch_report = epoch_report.all_reduce(world_size=self.world_size)
+            first = first.all_reduce(world_size=self.world_size)
+            status = status.all_gather(world_size=self.world_size) if status is not None else None
         return {
             "epoch": self.epoch,
             "batches_done": self._batches_done,
-            "report": self.report.to_dict(),  # finished epochs
-            "epoch_report": self.epoch_report.to_dict(),  # the current epoch so far
+            "epochs_done": self.epochs_done,
+            "report": report.to_dict(),  # finished epochs
+            "epoch_report": epoch_report.to_dict(),  # the current epoch so far
+            "first_pass": first.to_dict(),
+            "first_pass_done": self.first_pass_done,
+            "records": status.state_dict() if status is not None else None,
+            "merged_over_ranks": merged,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self._resume_batches = int(state.get("batches_done", 0))
-        self.report = DataReport.from_dict(state.get("report", {}))
-        self.epoch_report = DataReport.from_dict(state.get("epoch_report", {}))
-        self.report.dataset = self.epoch_report.dataset = self.name
+        self.epochs_done = int(state.get("epochs_done", 0))
+        self.first_pass_done = bool(state.get("first_pass_done", False))
+        mine = not state.get("merged_over_ranks") or self.rank == 0  # merged counts: rank 0 holds them
+        empty: dict[str, Any] = {}
+        self.report = DataReport.from_dict(state.get("report", empty) if mine else empty)
+        self.epoch_report = DataReport.from_dict(state.get("epoch_report", empty) if mine else empty)
+        self.first_pass = DataReport.from_dict(state.get("first_pass", empty) if mine else empty)
+        for r in (self.report, self.epoch_report, self.first_pass):
+            r.dataset = self.name
+        if self.status is not None:
+            records = state.get("records") if mine else None
+            self.status = RecordStatus.from_state_dict(records) if records else RecordStatus(len(self.dataset))
 
     # -- iteration -----------------------------------------------------------------------------
 
@@ -207,6 +246,8 @@ class CaptionLoader:
             # A previous iteration left before the end (a step budget, a break): keep its counts.
             self.report.merge(self.epoch_report)
             self.epoch_report = DataReport(dataset=self.name)
+            if not self.first_pass_done:  # the pass starts again from the top: count it afresh
+                self.first_pass = DataReport(dataset=self.name)
         self.dataset.set_epoch(epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
@@ -222,7 +263,7 @@ class CaptionLoader:
             stats = batch.pop(DATA_STATS_KEY, None)
             if stats is None:
                 raise TypeError(f"the collate_fn must put the batch's DataReport under {DATA_STATS_KEY!r}")
-            self.epoch_report.merge(stats)
+            self._count(stats)
             n = 0 if is_empty_batch(batch) else len(batch["image_ids"])
             report = self.epoch_report
             if not self.map_style and self.drop_last and 0 < n < self.batch_size:
@@ -242,10 +283,25 @@ class CaptionLoader:
             yield batch
         self._finish_epoch()
 
+    def _count(self, stats: DataReport | dict[str, Any]) -> None:
+        """Merge one batch's delta: record statuses into :attr:`status`, the raw counts into the
+        first pass (streaming, until it ends) and into the epoch's events."""
+        if not isinstance(stats, DataReport):
+            stats = DataReport.from_dict(stats)
+        if stats.records:
+            if self.status is not None:
+                self.status.update(stats.records)
+            stats.records = {}
+        if self.status is None and not self.first_pass_done:
+            self.first_pass.merge(stats)
+        self.epoch_report.merge(stats)
+
     def _finish_epoch(self) -> None:
         report = self.epoch_report
         usable = self._all_reduce_sum(report.samples)
-        self.report.merge(report).add("epochs")
+        self.report.merge(report)
+        self.epochs_done += 1
+        self.first_pass_done = True
         self.epoch_report = DataReport(dataset=self.name)
         self.epoch += 1
         self._batches_done = 0
@@ -256,24 +312,34 @@ class CaptionLoader:
 
     # -- reporting ------------------------------------------------------------------------------
 
-    def merged_report(self) -> DataReport:
-        """Every rank's report summed, the unfinished epoch included (a collective when world_size > 1)."""
-        total = self.report.copy().merge(self.epoch_report)  # an unfinished epoch counts too
-        merged = total.all_reduce(world_size=self.world_size)
-        merged.dataset = self.name
-        return merged
+    def merged_report(self) -> LoaderReport:
+        """Unique record counts and events, every rank's merged, the unfinished epoch included
+        (a collective when world_size > 1). Fields: :mod:`qformer.data.report`."""
+        events = self.report.copy().merge(self.epoch_report).all_reduce(world_size=self.world_size)
+        events.dataset = self.name
+        if self.status is not None:
+            status = self.status.all_gather(world_size=self.world_size)
+            unique = status.to_report(dataset=self.name)
+            basis, records, seen, complete = "per_record", len(status), status.seen, status.seen == len(status)
+        else:
+            unique = self.first_pass.all_reduce(world_size=self.world_size)
+            unique.dataset = self.name
+            basis, complete = "first_epoch", self.first_pass_done
+            records = seen = unique.samples + unique.skipped
+        extra: dict[str, Any] = {}
+        scan = getattr(self.dataset, "scan_report", None)
+        if scan is not None:
+            extra["scan"] = scan.to_dict()
+        return LoaderReport(dataset=self.name, unique=unique, events=events, unique_basis=basis, records=records,
+                            records_seen=seen, complete=complete, world_size=self.world_size, epochs=self.epochs_done,
+                            extra=extra)
 
     def write_report(self, output_dir: str | os.PathLike, *, filename: str = "data_report.json") -> Path | None:
-        """Merge the ranks' reports and write ``output_dir/filename`` on rank 0 (collective).
+        """Merge the ranks' counts and write ``output_dir/filename`` on rank 0 (a collective).
 
         The pre-scan's counts, if the dataset was scanned, are written under ``"scan"``.
         """
         merged = self.merged_report()
         if self.rank != 0:
             return None
-        extra: dict[str, Any] = {"world_size": self.world_size, "epochs": merged.count("epochs")}
-        scan = getattr(self.dataset, "scan_report", None)
-        if scan is not None:
-            extra["scan"] = scan.to_dict()
-        return merged.write(output_dir, filename=filename, extra=extra)
-
+        return merged.write(output_dir, filename=filename)

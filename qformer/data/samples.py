@@ -1,4 +1,4 @@
-"""Record -> training sample, with validation: the one place where images are decoded.
+"""Record -> training sample, with validation: the one place where records' images are decoded.
 
 :class:`SampleProcessor` turns a :class:`~qformer.data.sources.CaptionRecord` into a
 :class:`Sample` (cleaned caption + ``pixel_values`` or cached ``vision_features``) or into a
@@ -10,37 +10,38 @@ map-style dataset offers an optional up-front scan built on :meth:`SampleProcess
 Checks, cheapest first: the caption (missing, empty after cleaning), then the image (missing,
 unreadable, corrupt, truncated, too large for PIL's bomb guard, smaller than ``min_image_size``
 on a side), then the mode conversion (a valid image in CMYK / RGBA / palette / greyscale / 16-bit
-is converted by :mod:`qformer.vision`'s rules and counted as ``converted:<MODE>``, not dropped).
+is converted by :func:`qformer.images.to_rgb` and counted as ``converted:<MODE>``, not dropped).
+
+Both kinds of item also say which record they are (``index``, set by the map-style dataset) and
+what became of it (:func:`record_status`), so that the loader can count each record once however
+many epochs read it (see :mod:`qformer.data.report`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..images import ImageLoadError, load_image
-from .report import CONVERTED, DataReport
-from .sources import BadRecord, CaptionRecord, ImageRef
+from ..errors import ConfigError, ImageLoadError
+from .cache import FeatureCache
+from .reading import SkipSample, decode_or_skip, image_content_key, read_image, read_image_bytes
+from .report import CONVERTED, USABLE, DataReport
+from .sources import BadRecord, CaptionRecord
 from .transforms import CaptionCleaner, ImageTransform
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .cache import FeatureCache
 
 __all__ = [
     "Sample",
+    "SampleOrSkipped",
     "SampleProcessor",
-    "Skipped",
     "SkipSample",
-    "decode_image_bytes",
+    "Skipped",
+    "converted_report",
     "image_content_key",
     "read_image",
+    "record_status",
 ]
 
 
@@ -49,7 +50,8 @@ class Sample:
     """A usable sample. Exactly one of ``pixel_values`` (3, S, S) / ``vision_features`` (N, C) is set.
 
     ``report`` is a delta to count with this sample (its mode conversion; in streaming datasets
-    also the skips that preceded it), or None.
+    also the skips that preceded it), or None. ``mode``: the image's original PIL mode.
+    ``index``: the record's index in a map-style dataset (None when streaming).
     """
 
     caption: str
@@ -59,103 +61,34 @@ class Sample:
     pixel_values: torch.Tensor | None = None
     vision_features: torch.Tensor | None = None
     report: DataReport | None = None
+    mode: str = "RGB"
+    index: int | None = None
 
 
 @dataclass(kw_only=True)
 class Skipped:
     """A sentinel in place of a bad sample: the collator drops it and merges its ``report``.
 
-    ``carrier=True`` marks the end-of-stream sentinel of a streaming dataset, which stands for no
-    batch slot (only for counts still to deliver); a batch of carriers only is not an empty batch.
+    ``reason``: why (one of :data:`~qformer.data.report.SKIP_REASONS`); ``index``: the record's
+    index in a map-style dataset. ``carrier=True`` marks the end-of-stream sentinel of a
+    streaming dataset, which stands for no record and no batch slot (only for counts still to
+    deliver); a batch of carriers only is not an empty batch.
     """
 
     report: DataReport = field(default_factory=DataReport)
+    reason: str = ""
+    index: int | None = None
     carrier: bool = False
 
 
-class SkipSample(Exception):
-    """Raised inside the loading helpers; becomes a :class:`Skipped` with ``reason``."""
-
-    def __init__(self, reason: str, where: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {where}" + (f" ({detail})" if detail else ""))
-        self.reason, self.where, self.detail = reason, where, detail
+SampleOrSkipped = Union[Sample, Skipped]
 
 
-def _classify_decode_error(exc: BaseException) -> str:
-    cause = exc.__cause__ if isinstance(exc, ImageLoadError) and exc.__cause__ is not None else exc
-    if isinstance(cause, (PermissionError, IsADirectoryError)):
-        return "unreadable_image"
-    if "truncat" in str(cause).lower():
-        return "truncated_image"
-    return "corrupt_image"
-
-
-def decode_image_bytes(data: bytes, *, where: str) -> Image.Image:
-    """Decode encoded image bytes fully (as :func:`qformer.vision.load_image` does for files)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.copy()
-    except Image.DecompressionBombError as exc:
-        raise SkipSample("oversized_image", where, str(exc)) from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise SkipSample(_classify_decode_error(exc), where, str(exc)) from exc
-
-
-def read_image(image: ImageRef, *, where: str) -> Image.Image:
-    """A decoded PIL image (original mode) from a path, bytes or PIL image; raises :class:`SkipSample`."""
-    if image is None:
-        raise SkipSample("missing_image", where, "the record has no image")
-    if isinstance(image, Image.Image):
-        try:
-            image.load()
-        except Exception as exc:  # a lazily opened file that turns out to be bad
-            raise SkipSample(_classify_decode_error(exc), where, str(exc)) from exc
-        return image
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return decode_image_bytes(bytes(image), where=where)
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            return load_image(image)
-        except FileNotFoundError as exc:
-            raise SkipSample("missing_image", where, str(exc)) from exc
-        except ImageLoadError as exc:
-            raise SkipSample(_classify_decode_error(exc), where, str(exc.__cause__ or exc)) from exc
-        except Image.DecompressionBombError as exc:
-            raise SkipSample("oversized_image", where, str(exc)) from exc
-        except OSError as exc:  # pragma: no cover - load_image wraps OSErrors; belt and braces
-            raise SkipSample("unreadable_image", where, str(exc)) from exc
-    raise SkipSample("bad_record", where, f"unsupported image value of type {type(image).__name__}")
-
-
-def _read_bytes(image: ImageRef, *, where: str) -> bytes | Image.Image:
-    """Raw encoded bytes (files are read, not decoded) or the PIL image itself, for hashing."""
-    if image is None:
-        raise SkipSample("missing_image", where, "the record has no image")
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return bytes(image)
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        try:
-            return path.read_bytes()
-        except FileNotFoundError as exc:
-            raise SkipSample("missing_image", where, str(exc)) from exc
-        except OSError as exc:  # permissions, a directory, I/O errors
-            raise SkipSample("unreadable_image", where, str(exc)) from exc
-    raise SkipSample("bad_record", where, f"unsupported image value of type {type(image).__name__}")
-
-
-def image_content_key(data: bytes | Image.Image) -> str:
-    """A content hash: of the encoded bytes, or for an in-memory PIL image of its mode, size and pixels."""
-    h = hashlib.blake2b(digest_size=16)
-    if isinstance(data, Image.Image):
-        h.update(f"pil:{data.mode}:{data.size}".encode())
-        h.update(data.tobytes())
-    else:
-        h.update(data)
-    return h.hexdigest()
+def record_status(item: Sample | Skipped) -> str:
+    """What became of the item's record: ``usable``, ``converted:<MODE>`` or the skip reason."""
+    if isinstance(item, Sample):
+        return USABLE if item.mode == "RGB" else f"{CONVERTED}:{item.mode}"
+    return item.reason or "bad_record"
 
 
 @dataclass(kw_only=True)
@@ -175,18 +108,18 @@ class SampleProcessor:
     transform: ImageTransform | None = None
     captions: CaptionCleaner = field(default_factory=CaptionCleaner)
     min_image_size: int = 8
-    feature_cache: "FeatureCache | None" = None
+    feature_cache: FeatureCache | None = None
     require_caption: bool = True
 
     def __post_init__(self) -> None:
         if self.feature_cache is not None and self.transform is not None and getattr(self.transform, "is_random", True):
-            raise ValueError(
+            raise ConfigError(
                 "the feature cache holds the frozen tower's features of un-augmented (eval-transformed) images; it "
                 f"cannot be combined with a random image transform ({type(self.transform).__name__}). Use train=False "
                 "(no augmentation) with the cache, or drop the cache to train with augmentation."
             )
         if self.feature_cache is None and self.transform is None:
-            raise ValueError("SampleProcessor needs an image transform (or a feature cache)")
+            raise ConfigError("SampleProcessor needs an image transform (or a feature cache)")
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -216,14 +149,14 @@ class SampleProcessor:
 
     def _cached_features(self, record: CaptionRecord) -> tuple[torch.Tensor, str]:
         assert self.feature_cache is not None
-        data = _read_bytes(record.image, where=record.where)
+        data = read_image_bytes(record.image, where=record.where)
         hit = self.feature_cache.lookup(image_content_key(data))
         if hit is not None:
             features, mode, size = hit
             self._check_size(size, record.where)
             return features, mode
         # Not cached: find out why (a bad image is counted under its own reason).
-        img = data if isinstance(data, Image.Image) else decode_image_bytes(data, where=record.where)
+        img = data if isinstance(data, Image.Image) else decode_or_skip(data, where=record.where)
         self._check_size(img.size, record.where)
         raise SkipSample("uncached_image", record.where, "valid image without cached features (fill the cache first)")
 
@@ -235,10 +168,9 @@ class SampleProcessor:
             return _skipped(record.reason, record.where)
         try:
             caption = self.caption_of(record)
+            features = pixels = None
             if self.feature_cache is not None:
                 features, mode = self._cached_features(record)
-                sample = Sample(caption=caption, image_id=record.image_id, key=record.key, source=record.source,
-                                vision_features=features)
             else:
                 img = self.image_of(record)
                 mode = img.mode
@@ -246,13 +178,11 @@ class SampleProcessor:
                     pixels = self.transform(img, generator=generator)  # type: ignore[misc]
                 except (ImageLoadError, OSError, ValueError) as exc:
                     raise SkipSample("unsupported_image", record.where, str(exc)) from exc
-                sample = Sample(caption=caption, image_id=record.image_id, key=record.key, source=record.source,
-                                pixel_values=pixels)
         except SkipSample as skip:
             return _skipped(skip.reason, skip.where)
-        if mode != "RGB":
-            sample.report = converted_report(mode)
-        return sample
+        return Sample(caption=caption, image_id=record.image_id, key=record.key, source=record.source,
+                      pixel_values=pixels, vision_features=features, mode=mode,
+                      report=converted_report(mode) if mode != "RGB" else None)
 
     def validate(self, record: CaptionRecord | BadRecord) -> DataReport:
         """Check a record without transforming it (for pre-scans): the delta it would count.
@@ -277,11 +207,9 @@ class SampleProcessor:
 
 
 def converted_report(mode: str) -> DataReport:
+    """The delta of one usable image converted from ``mode`` to RGB."""
     return DataReport().add(CONVERTED).add(f"{CONVERTED}:{mode}")
 
 
 def _skipped(reason: str, where: str) -> Skipped:
-    return Skipped(report=DataReport().add(reason, where))
-
-
-SampleOrSkipped = Union[Sample, Skipped]
+    return Skipped(report=DataReport().add(reason, where), reason=reason)

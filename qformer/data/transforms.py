@@ -2,9 +2,10 @@
 
 Train: ``RandomResizedCrop(S, scale=(0.5, 1.0), ratio=(3/4, 4/3), bicubic)`` + horizontal flip
 (p=0.5) + ToTensor + Normalize — LAVIS's ``blip2_image_train``. Eval: the tower's own
-:class:`~qformer.vision.ImagePreprocessor` (resize to (S, S), bicubic) — LAVIS's
+:class:`~qformer.images.ImagePreprocessor` (resize to (S, S), bicubic) — LAVIS's
 ``blip_image_eval``. Both convert odd modes (CMYK, RGBA over white, palette, greyscale, 16-bit)
-with :mod:`qformer.vision`'s conversion, so train and eval see the same colours.
+with :func:`qformer.images.to_rgb` and normalise with :func:`qformer.images.to_normalized_tensor`,
+so train and eval see the same colours.
 
 Why a generator per sample: torchvision's random transforms draw from the global torch RNG,
 whose state in a DataLoader worker depends on the worker count and on which worker got which
@@ -19,13 +20,14 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
 
 from ..config import VisionConfig
-from ..images import ImagePreprocessor, to_rgb as _to_rgb_or_grey_float
+from ..errors import ConfigError
+from ..images import ImagePreprocessor, to_normalized_tensor, to_rgb
 
 __all__ = [
     "CaptionCleaner",
@@ -103,21 +105,7 @@ def _pil_resample(name: str) -> Image.Resampling:
     try:
         return Image.Resampling[name.upper()]
     except KeyError:
-        raise ValueError(f"unknown interpolation {name!r}") from None
-
-
-def _to_normalized_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """An ``RGB`` (uint8) or ``F`` (grey in [0, 1]) PIL image -> normalized float32 (3, H, W).
-
-    The same ToTensor semantics as :meth:`ImagePreprocessor.transform` (which owns the eval path).
-    """
-    from torchvision.transforms.v2 import functional as TF
-
-    if img.mode == "F":
-        pixels = TF.pil_to_tensor(img).clamp_(0.0, 1.0).expand(3, -1, -1)
-    else:
-        pixels = TF.pil_to_tensor(img).to(torch.float32).div_(255.0)
-    return TF.normalize(pixels.contiguous(), mean=list(mean), std=list(std))
+        raise ConfigError(f"unknown interpolation {name!r}") from None
 
 
 @dataclass(kw_only=True)
@@ -141,10 +129,10 @@ class TrainTransform:
     def __post_init__(self) -> None:
         self._resample = _pil_resample(self.interpolation)
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
-            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+            raise ConfigError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
 
     @classmethod
-    def from_config(cls, config: VisionConfig, **overrides) -> "TrainTransform":
+    def from_config(cls, config: VisionConfig, **overrides: Any) -> "TrainTransform":
         """The train transform for a tower: its image size, mean/std and interpolation."""
         kw = dict(image_size=config.image_size, mean=tuple(config.mean), std=tuple(config.std), interpolation=config.interpolation)
         kw.update(overrides)
@@ -174,14 +162,14 @@ class TrainTransform:
         return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, image: Image.Image, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """PIL image (any mode :mod:`qformer.vision` converts) -> normalized float32 (3, S, S)."""
-        img = _to_rgb_or_grey_float(image)
+        """PIL image (any mode :func:`qformer.images.to_rgb` converts) -> normalized float32 (3, S, S)."""
+        img = to_rgb(image)
         top, left, h, w = self.crop_params(img.width, img.height, generator)
         size = (self.image_size, self.image_size)
         img = img.crop((left, top, left + w, top + h)).resize(size, resample=self._resample)
         if self.hflip > 0 and torch.rand(1, generator=generator).item() < self.hflip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return _to_normalized_tensor(img, self.mean, self.std)
+        return to_normalized_tensor(img, self.mean, self.std)
 
 
 @dataclass(kw_only=True)
@@ -203,10 +191,10 @@ class EvalTransform:
         return self.preprocessor.transform(image)
 
 
-def build_image_transform(config: VisionConfig, *, train: bool, **overrides) -> TrainTransform | EvalTransform:
+def build_image_transform(config: VisionConfig, *, train: bool, **overrides: Any) -> TrainTransform | EvalTransform:
     """BLIP-2's train transform (``train=True``, random) or the tower's eval transform."""
     if train:
         return TrainTransform.from_config(config, **overrides)
     if overrides:
-        raise ValueError(f"the eval transform takes no overrides, got {sorted(overrides)}")
+        raise ConfigError(f"the eval transform takes no overrides, got {sorted(overrides)}")
     return EvalTransform.from_config(config)
