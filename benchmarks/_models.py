@@ -12,113 +12,23 @@ Everything is written locally and randomly initialised from seeds: no downloads.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
 
-WORDS = (
-    "a an the of on in at to with and is are was it its this that there his her "
-    "man woman men women person people boy girl child children dog dogs cat cats "
-    "bird horse cow sheep bus car train truck bicycle bike street road city busy "
-    "red blue green white black yellow brown small large big two three some "
-    "sitting standing riding playing eating walking running holding looking lying "
-    "sofa couch table bed chair kitchen room window door snow grass water beach "
-    "field park tree trees sky plate pizza food next while rains heavily down "
-    "photo picture image front top near under over group together"
-).split()
-
-
-def captions(n: int, *, words: tuple[int, int], seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))) for _ in range(n)]
-
-
-def pixels(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Non-trivial random weights (as tests/conftest.py): matrices N(0, 1/fan_in), 1-D
-    ``weight``s 1 + N(0, 0.1^2), everything else N(0, 0.1^2); ``temp`` untouched."""
-    g = torch.Generator().manual_seed(seed)
-    seen = set()
-    for name, p in module.named_parameters():
-        if id(p) in seen or name.split(".")[-1] == "temp":
-            continue
-        seen.add(id(p))
-        noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
-        leaf = name.split(".")[-1]
-        if p.dim() >= 2 and leaf == "weight":
-            p.copy_(noise / p[0].numel() ** 0.5)
-        elif p.dim() == 1 and leaf == "weight":
-            p.copy_(1.0 + 0.1 * noise)
-        else:
-            p.copy_(0.1 * noise)
-
-
-# ----------------------------------------------------------------------------- tokenizers
-def write_bert_tokenizer(directory: Path, size: int | None = None):
-    """BertTokenizerFast over WORDS (+ [unusedN] up to ``size``), with [DEC] as bos."""
-    from transformers import BertTokenizerFast
-
-    directory.mkdir(parents=True, exist_ok=True)
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    toks: list[str] = []
-    for t in special + list(".,!?'-") + letters + ["##" + c for c in letters] + WORDS:
-        if t not in toks:
-            toks.append(t)
-    while size is not None and len(toks) < size:
-        toks.append(f"[unused{len(toks)}]")
-    (directory / "vocab.txt").write_text("\n".join(toks) + "\n")
-    tok = BertTokenizerFast(vocab=str(directory / "vocab.txt"), do_lower_case=True)
-    tok.add_special_tokens({"bos_token": "[DEC]"})
-    tok.save_pretrained(str(directory))
-    return tok
-
-
-def _train_bpe(special: list[str], vocab_size: int = 600):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = [" ".join(WORDS), "a photo of " + " ".join(WORDS), "Question: what is it? Answer: a cat\n"] * 20
-    tok.train_from_iterator(corpus, trainer)
-    return tok
+from qformer.testing import WORDS, captions, pixels, randomize_, write_bert_tokenizer  # noqa: F401  (re-exported)
+from qformer.testing import write_causal_tokenizer as _write_causal
+from qformer.testing import write_seq2seq_tokenizer as _write_seq2seq
 
 
 def write_causal_tokenizer(directory: Path):
     """OPT-style: byte-level BPE, "</s>" prepended as BOS, "<pad>" padding."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = _train_bpe(["<s>", "<pad>", "</s>", "<unk>"])
-    bos = tok.token_to_id("</s>")
-    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A $B", special_tokens=[("</s>", bos)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    directory.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(directory))
-    return fast
+    return _write_causal(directory, vocab_size=600)
 
 
 def write_seq2seq_tokenizer(directory: Path):
     """T5-style: "<pad>"=0 (decoder start), "</s>"=1 appended to every text."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = _train_bpe(["<pad>", "</s>", "<unk>"])
-    eos = tok.token_to_id("</s>")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    directory.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(directory))
-    return fast
+    return _write_seq2seq(directory, vocab_size=600)
 
 
 # ----------------------------------------------------------------------------- stage 2 models

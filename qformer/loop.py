@@ -160,7 +160,6 @@ def fit(
         objective.after_optimizer_step(state.step)
         state.step += 1
         done_here += 1
-        state.loader = loader.state_dict()
         bar.update(1)
         # ------------------------------------------------ log, evaluate, checkpoint
         if state.step % train.log_every == 0 or state.step == train.max_steps:
@@ -175,10 +174,10 @@ def fit(
         if evaluate is not None and state.step % train.eval_every == 0 and state.step < train.max_steps:
             _evaluate(run, evaluate, state, log, wrapped)
         if state.step % train.save_every == 0 or state.step == train.max_steps:
-            ckpt.save(state)
+            _save(ckpt, state, loader)
         if stop_after is not None and done_here >= stop_after and state.step < train.max_steps:
             if state.step % train.save_every:
-                ckpt.save(state)
+                _save(ckpt, state, loader)
             run.print(f"stopping after {done_here} steps at step {state.step} (resume with --resume)")
             break
     bar.close()
@@ -190,6 +189,12 @@ def fit(
             run.print(f"loss curve: {png}")
     loader.write_report(run.output_dir)
     return state
+
+
+def _save(ckpt: CheckpointManager, state: TrainState, loader) -> None:
+    # Where the data resumes, with every rank's data counts merged (a collective: all ranks call it).
+    state.loader = loader.state_dict(all_ranks=True)
+    ckpt.save(state)
 
 
 def _all_finite(acc, step_metrics: list[dict[str, float]], grad_norm: float) -> bool:

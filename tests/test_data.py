@@ -46,7 +46,7 @@ from qformer.data import (
     tower_fingerprint,
 )
 from qformer.images import ImagePreprocessor
-from qformer.vision import VisionTower
+from qformer.vision import VisionTower, build_vision_tower
 
 S = 32
 VISION = VisionConfig(image_size=S)
@@ -659,7 +659,7 @@ def tiny_tower(**kw) -> VisionTower:
     torch.manual_seed(0)
     cfg = dict(backend="timm", name="vit_base_patch16_224", model_kwargs=dict(TINY_VIT), image_size=S)
     cfg.update(kw)
-    return VisionTower(VisionConfig(**cfg))
+    return build_vision_tower(VisionConfig(**cfg))
 
 
 def test_feature_cache_round_trip(tmp_path, tokenizer):

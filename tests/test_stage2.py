@@ -42,12 +42,13 @@ def _text_config(kind: str, tok, vocab: int):
                     feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 
 
-def make_hf_generation(directory: Path, kind: str, seed: int = 0):
-    """A tiny random transformers Blip2ForConditionalGeneration saved to ``directory``."""
+def make_hf_generation(directory: Path, kind: str, seed: int = 0, tokenizer=None):
+    """A tiny random transformers Blip2ForConditionalGeneration saved to ``directory`` (with
+    ``tokenizer`` as its LLM tokenizer, or a tiny OPT / T5 style one)."""
     from transformers import Blip2Config as HFBlip2Config
     from transformers import Blip2ForConditionalGeneration
 
-    tok = (write_seq2seq_tokenizer if kind == "t5" else write_causal_tokenizer)(directory / "tok")
+    tok = tokenizer or (write_seq2seq_tokenizer if kind == "t5" else write_causal_tokenizer)(directory / "tok")
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_id = tok.convert_tokens_to_ids("<image>")
     cfg = HFBlip2Config(
