@@ -191,10 +191,12 @@ def end_of_text_ids(tokenizer, cfg: LLMConfig, *, encoder_decoder: bool = False)
     return ids
 
 
-def checkpoint_eos_ids(generation_config: dict | None, text_config: dict | None) -> list[int] | None:
-    """The eos id(s) a transformers checkpoint generates until: its generation config's
-    ``eos_token_id``, else its text config's; None when neither says."""
-    for source in (generation_config or {}, text_config or {}):
+def checkpoint_eos_ids(text_config: dict | None, generation_config: dict | None = None) -> list[int] | None:
+    """The eos id(s) a transformers BLIP-2 checkpoint generates until: its text config's
+    ``eos_token_id`` (``Blip2ForConditionalGeneration.generate`` runs the language model's own
+    generation config, which is built from it), else the checkpoint's generation config's;
+    None when neither says."""
+    for source in (text_config or {}, generation_config or {}):
         eos = source.get("eos_token_id")
         if eos is not None:
             return [int(i) for i in eos] if isinstance(eos, list) else [int(eos)]

@@ -9,8 +9,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-ORACLE_FIXTURE = SHARED / "fixtures" / "lavis-oracle-seed0"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -21,16 +19,6 @@ from qformer.testing import (  # noqa: E402, F401  (the one set of tiny builders
     write_causal_tokenizer,
     write_seq2seq_tokenizer,
 )
-
-
-def require_shared(path: Path = ORACLE_FIXTURE) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is absent (the ../shared fixtures are not available here)")
-    return path
-
-
-def load_pt(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="session")

@@ -32,8 +32,7 @@ from qformer.persistence import (
 )
 from qformer.vision import build_vision_tower
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURE = SHARED / "fixtures" / "lavis-oracle-seed0"
+FIXTURES = sorted((Path(__file__).resolve().parent / "fixtures").glob("lavis-*"))
 
 # The oracle's cfg.vit (fixture config.json), inlined so that the architecture tests run without it.
 ORACLE_VIT = dict(
@@ -90,13 +89,15 @@ def hf_cfg(name: str, model_kwargs: dict | None = None, **kw) -> VisionConfig:
 # ------------------------------------------------------------------------------------------
 
 
-def test_lavis_oracle_vit_parity():
-    if not FIXTURE.is_dir():
-        pytest.skip(f"shared LAVIS oracle fixture not found at {FIXTURE}")
-    cfg = json.loads((FIXTURE / "config.json").read_text())["cfg"]["vit"]
-    state = torch.load(FIXTURE / "blip2_qformer_state_dict.pt", weights_only=True)
-    image = torch.load(FIXTURE / "inputs.pt", weights_only=True)["image"]  # (3, 3, 32, 32)
-    vit_out = torch.load(FIXTURE / "blip2_qformer_outputs.pt", weights_only=True)["vit_out"]  # (3, 17, 48)
+@pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.name)
+def test_lavis_oracle_vit_parity(fixture):
+    """The repository's own LAVIS 1.0.2 dumps (tests/oracle): LAVIS's EVA ViT output."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((fixture / "config.json").read_text())["cfg"]["vit"]
+    state = torch.load(fixture / "blip2_qformer.pth", weights_only=True)["model"]
+    image = load_file(str(fixture / "inputs.safetensors"))["image"]  # (3, 3, 32, 32)
+    vit_out = load_file(str(fixture / "stage1.safetensors"))["vit_out"]  # (3, 17, 48)
 
     tower = build_vision_tower(lavis_eva_vision_config(cfg))  # feature_layer=-1: the oracle ViT has 2 used blocks
     converted = convert_lavis_eva_to_timm(state)

@@ -2,8 +2,9 @@
 ``Blip2ForConditionalGeneration`` (the layout of Salesforce/blip2-opt-* and blip2-flan-t5-*).
 
 A checkpoint loaded from transformers stops generating where transformers stops: its own
-``eos_token_id`` (generation config, else text config) becomes ``llm.eos_token_id``; "\\n" is
-BLIP-2's OPT convention only where the checkpoint says so (Salesforce's OPT configs do).
+``eos_token_id`` (its text config's, which the language model generates with; else its
+generation config's) becomes ``llm.eos_token_id``; "\\n" is BLIP-2's OPT convention only where
+the checkpoint says so (Salesforce's OPT configs do).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def blip2_config_from_hf(meta: dict[str, Any], directory: Path | None = None) ->
         generation = None
         if directory is not None and (directory / "generation_config.json").is_file():
             generation = read_json(directory / "generation_config.json")
-        eos = checkpoint_eos_ids(generation, text)
+        eos = checkpoint_eos_ids(text, generation)
         llm = LLMConfig(hf_config=text, dtype="bfloat16", end_of_text=None,
                         eos_token_id=None if eos is None else (eos[0] if len(eos) == 1 else eos))
     retrieval = llm is None
