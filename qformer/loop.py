@@ -132,18 +132,20 @@ def fit(
         lr = scheduler.get_last_lr()[0]
         # ------------------------------------------------ one optimizer step (grad_accum micro-steps)
         step_metrics: list[dict[str, float]] = []
-        grad_norm = None
+        grad_norm, failed = None, None
         for micro in range(train.grad_accum):
             with run.phase("data"):
                 batch = _to_device(batches.next(), acc.device)
             seed = step_seed(train.seed, state.step, run.rank, micro)
             torch.manual_seed(seed)  # dropout
             generator = torch.Generator(device=acc.device).manual_seed(seed + 1)  # e.g. ITM negatives
+            state.samples_seen += len(batch["input_ids"]) * run.world_size
             with acc.accumulate(wrapped), run.phase("train"):
                 try:
                     out = wrapped(**batch, step=state.step, generator=generator)
-                except NonFiniteLossError as e:
-                    raise NonFiniteLossError(f"step {state.step + 1} (lr {lr:.3g}): {e}") from None
+                except NonFiniteLossError as e:  # found inside the step (e.g. ITM sampling): same handling
+                    failed = str(e)
+                    break
                 acc.backward(out.loss)
                 step_metrics.append(out.metrics())
                 if acc.sync_gradients:
@@ -152,9 +154,12 @@ def fit(
                     if _all_finite(acc, step_metrics, grad_norm):
                         optimizer.step()
                     else:
-                        _nonfinite_step(run, train, state, log, step_metrics, grad_norm, lr)
-                    optimizer.zero_grad(set_to_none=True)
-            state.samples_seen += len(batch["input_ids"]) * run.world_size
+                        failed = ""
+        if failed is not None:  # skip the step if allowed (no update), else stop: nothing saved after it
+            _nonfinite_step(run, train, state, log, step_metrics, grad_norm, lr, failed)
+            optimizer.optimizer.zero_grad(set_to_none=True)  # also mid-accumulation, where accelerate's is a no-op
+        else:
+            optimizer.zero_grad(set_to_none=True)
         window.extend(step_metrics)
         scheduler.step()
         objective.after_optimizer_step(state.step)
@@ -162,7 +167,7 @@ def fit(
         done_here += 1
         bar.update(1)
         # ------------------------------------------------ log, evaluate, checkpoint
-        if state.step % train.log_every == 0 or state.step == train.max_steps:
+        if window and (state.step % train.log_every == 0 or state.step == train.max_steps):
             values = _mean_over_ranks(acc, {k: sum(m[k] for m in window) / len(window) for k in window[0]})
             now = time.perf_counter()
             values.update(lr=lr, grad_norm=grad_norm, epoch=state.epoch,
@@ -207,22 +212,25 @@ def _all_finite(acc, step_metrics: list[dict[str, float]], grad_norm: float) -> 
 
 
 def _nonfinite_step(run: Run, train: TrainConfig, state: TrainState, log: MetricLog,
-                    step_metrics: list[dict[str, float]], grad_norm: float, lr: float) -> None:
+                    step_metrics: list[dict[str, float]], grad_norm: float | None, lr: float, detail: str) -> None:
     """A step whose loss or gradient norm is NaN/inf: skip it (if allowed) or stop, logged."""
-    names = sorted({n for m in step_metrics for n in _nonfinite(m, None)} | set(_nonfinite({}, grad_norm)))
-    what = ", ".join(names) if names else "another rank's loss"
-    values = {**{k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]},
-              "lr": lr, "grad_norm": grad_norm, "nonfinite": what}
+    if detail:
+        what = detail
+    else:
+        names = sorted({n for m in step_metrics for n in _nonfinite(m, None)} | set(_nonfinite({}, grad_norm)))
+        what = (", ".join(names) if names else "another rank's loss") + " is not finite (NaN or inf)"
+    values = {**({k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]} if step_metrics
+                 else {}), "lr": lr, "grad_norm": grad_norm, "nonfinite": what}
     log.log(state.step + 1, values)  # NaN/inf are written as null (metrics.jsonl stays strict JSON)
     if state.skipped_nonfinite < train.skip_nonfinite_steps:
         state.skipped_nonfinite += 1
-        run.print(f"step {state.step + 1}: {what} is not finite (lr {lr:.3g}); step skipped "
+        run.print(f"step {state.step + 1} (lr {lr:.3g}): {what}; step skipped "
                   f"({state.skipped_nonfinite} of skip_nonfinite_steps={train.skip_nonfinite_steps})")
         return
     raise NonFiniteLossError(
-        f"step {state.step + 1} (lr {lr:.3g}): {what} is not finite (NaN or inf); training stopped and nothing was "
-        f"saved after the last checkpoint. Lower the learning rate, clip gradients (--max-grad-norm), or allow skipping "
-        f"such steps with --skip-nonfinite-steps N"
+        f"step {state.step + 1} (lr {lr:.3g}): {what}; training stopped and nothing was saved after the last "
+        "checkpoint. Lower the learning rate, clip gradients (--max-grad-norm), or allow skipping such steps with "
+        "--skip-nonfinite-steps N"
     )
 
 

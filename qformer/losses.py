@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import all_gather_no_grad, all_gather_with_grad
+from .errors import NonFiniteLossError
 
 # LAVIS masks positives with this additive value before the negative-sampling softmax;
 # keeping it (rather than -inf) keeps rows with no valid negative well defined.
@@ -121,10 +122,21 @@ def sample_itm_negatives(
     Returns global indices ``(neg_image_for_text (B,), neg_text_for_image (B,))``, drawn in
     ONE batched multinomial call (no per-sample host syncs). A row with no valid negative
     (every column a positive) samples uniformly, as LAVIS's masked softmax does.
+
+    Raises:
+        NonFiniteLossError: the similarities are NaN or infinite (checked only when the draw
+            fails, so a healthy step pays no host sync for it).
     """
     weights_t2i = F.softmax(sim_t2i.float().masked_fill(positives, _NEG_FILL), dim=1)
     weights_i2t = F.softmax(sim_i2t.float().masked_fill(positives, _NEG_FILL), dim=1)
-    picks = torch.multinomial(torch.cat([weights_t2i, weights_i2t]), 1, generator=generator).squeeze(1)
+    weights = torch.cat([weights_t2i, weights_i2t])
+    try:
+        picks = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    except RuntimeError:
+        if torch.isfinite(sim_i2t).all() and torch.isfinite(sim_t2i).all():
+            raise
+        raise NonFiniteLossError("the ITC similarities are not finite (NaN or inf), so no ITM hard negative can "
+                                 "be drawn: the model's weights or inputs went non-finite") from None
     b = sim_i2t.shape[0]
     return picks[:b], picks[b:]
 
