@@ -32,7 +32,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..io import remove_stale_temps
 from .cache import default_cache_root, publish_dir
@@ -50,6 +50,9 @@ from .specs import (
 )
 from .tokenizer import build_bert_tokenizer, build_lm_tokenizer
 from .world import ToyWorld
+
+if TYPE_CHECKING:  # torch is imported when something is trained or loaded, not before
+    from torch import nn
 
 __all__ = [
     "TOY_BACKBONES_VERSION",
@@ -140,11 +143,11 @@ class ToyBackbones:
             "dtype": "float32",
         }
 
-    def load_vision_tower(self) -> Any:
+    def load_vision_tower(self) -> nn.Module:
         """The tower (a ``timm`` ``VisionTransformer``) in eval mode."""
         return load_toy_vision_tower(self.vision_dir)
 
-    def load_lm(self) -> tuple[Any, Any]:
+    def load_lm(self) -> tuple[nn.Module, Any]:
         """``(AutoModelForCausalLM, AutoTokenizer)`` from ``lm_dir``, offline, in eval mode."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,7 +160,7 @@ class ToyBackbones:
         return AutoTokenizer.from_pretrained(self.bert_tokenizer_dir)
 
 
-def load_toy_vision_tower(vision_dir: str | Path) -> Any:
+def load_toy_vision_tower(vision_dir: str | Path) -> nn.Module:
     """Rebuild the tower from its ``config.json`` and ``model.safetensors`` (eval mode).
 
     Only the JSON is needed to build the architecture, exactly as for a real timm tower:

@@ -7,8 +7,8 @@ the same 150 steps, 8 px patches that cut objects apart (4x the tokens) reached 
 held-out shape accuracy, these 54 %.
 
 It is trained with *supervised dense multi-task classification*, chosen over a CLIP-style
-contrastive objective because it converges in far fewer CPU steps (no text encoder, no
-large batches of negatives) and because it targets exactly what the Q-Former must read:
+contrastive objective because it converges in far fewer steps (no text encoder, no large
+batches of negatives) and because it targets exactly what the Q-Former must read:
 
 - every **patch token** predicts the shape, colour and size of the object in it (or
   background), so patch features encode *what is where*; positions, hence the caption's
@@ -230,7 +230,7 @@ def _eval_vision(
 
 
 @torch.no_grad()
-def tower_cost(model: nn.Module, image_size: int, batch: int = 64) -> dict[str, Any]:
+def tower_cost(model: nn.Module, image_size: int, *, batch: int = 64) -> dict[str, Any]:
     """Tokens, width and forward time (bf16 autocast and fp32) of the frozen tower."""
     x = torch.randn(batch, 3, image_size, image_size)
     out: dict[str, Any] = {}
