@@ -249,29 +249,34 @@ def test_second_call_reuses_cache(tiny_backbones, monkeypatch: pytest.MonkeyPatc
 
 def test_interrupted_training_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import qformer.toy.backbones as bb
+    import qformer.toy.lm_pretraining as lm_pretraining
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bb, "_pretrain_lm", interrupted)
+    monkeypatch.setattr(lm_pretraining, "pretrain_lm", interrupted)
     with pytest.raises(KeyboardInterrupt):
         bb.ensure_toy_backbones(tmp_path / "cache", budget=bb.ToyPretrainBudget.tiny(), progress=False)
     assert list(tmp_path.iterdir()) == []  # neither the cache nor its temp dir
 
 
-def test_stale_temp_dirs_of_dead_runs_are_removed(tmp_path: Path) -> None:
+def test_stale_temp_dirs_of_dead_runs_are_removed(tiny_backbones) -> None:
     import subprocess
     import sys
 
     import qformer.toy.backbones as bb
 
+    root = tiny_backbones.root
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".cache.tmp-{int(dead.stdout)}-abc"  # as left by a SIGKILLed run
-    live = tmp_path / f".cache.tmp-{os.getpid()}-abc"  # a run still in progress
-    stale.mkdir()
-    live.mkdir()
-    bb._remove_stale_temps(tmp_path / "cache")
-    assert not stale.exists() and live.exists()
+    stale = root.parent / f".{root.name}.tmp-{int(dead.stdout)}-abc"  # as left by a SIGKILLed run
+    stale_old = root.parent / f".{root.name}.old-{int(dead.stdout)}"
+    live = root.parent / f".{root.name}.tmp-{os.getpid()}-abc"  # a run still in progress
+    for d in (stale, stale_old, live):
+        d.mkdir()
+    # Any later call cleans up, even one that finds the cache complete and trains nothing.
+    bb.ensure_toy_backbones(root, seed=0, budget=bb.ToyPretrainBudget.tiny(), progress=False)
+    assert not stale.exists() and not stale_old.exists() and live.exists()
+    live.rmdir()
 
 
 def test_tiny_pretraining_is_deterministic(tiny_backbones, tmp_path: Path) -> None:

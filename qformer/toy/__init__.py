@@ -2,8 +2,9 @@
 
 ``qformer.toy.world`` (numpy + Pillow only) generates captioned scenes; ``qformer.toy.backbones``
 (torch, timm, transformers) pretrains and caches a small ViT, a small OPT LM and the
-Q-Former's tokenizer on that world. Backbone names are imported lazily so that data
-loaders importing the world do not pay for torch/transformers.
+Q-Former's tokenizer on that world; ``qformer.toy.plugin`` offers both to adapter cards as
+``toy://`` resources and scores captions of toy data. Backbone names are imported lazily so
+that data loaders importing the world do not pay for torch/transformers.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from typing import Any
 
 from .world import (
     COLOURS,
+    QUESTION_TYPES,
     RELATIONS,
     SHAPES,
     SIZES,
     SPLITS,
+    VQA_FILE,
+    CaptionMention,
     ToyObject,
+    ToyQuestion,
     ToySample,
     ToyScene,
     ToySplit,
@@ -24,6 +29,7 @@ from .world import (
     caption_vocabulary,
     parse_caption,
     score_caption,
+    toy_questions,
 )
 
 _BACKBONE_NAMES = {
@@ -42,11 +48,15 @@ _BACKBONE_NAMES = {
 
 __all__ = [
     "COLOURS",
+    "QUESTION_TYPES",
     "RELATIONS",
     "SHAPES",
     "SIZES",
     "SPLITS",
+    "VQA_FILE",
+    "CaptionMention",
     "ToyObject",
+    "ToyQuestion",
     "ToySample",
     "ToyScene",
     "ToySplit",
@@ -54,6 +64,7 @@ __all__ = [
     "caption_vocabulary",
     "parse_caption",
     "score_caption",
+    "toy_questions",
     *sorted(_BACKBONE_NAMES),
 ]
 
