@@ -3,14 +3,24 @@
 ``qformer.toy.world`` (numpy + Pillow only) generates captioned scenes; ``qformer.toy.backbones``
 (torch, timm, transformers) pretrains and caches a small ViT, a small OPT LM and the
 Q-Former's tokenizer on that world; ``qformer.toy.plugin`` offers both to adapter cards as
-``toy://`` resources and scores captions of toy data. Backbone names are imported lazily so
-that data loaders importing the world do not pay for torch/transformers.
+``toy://`` resources and scores captions of toy data.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+from .backbones import (
+    TOY_BACKBONES_VERSION,
+    ToyBackbones,
+    ToyLMSpec,
+    ToyPretrainBudget,
+    ToyVisionSpec,
+    build_bert_tokenizer,
+    build_lm_tokenizer,
+    default_cache_root,
+    ensure_toy_backbones,
+    load_toy_vision_tower,
+    toy_cache_key,
+)
 from .world import (
     COLOURS,
     QUESTION_TYPES,
@@ -32,20 +42,6 @@ from .world import (
     toy_questions,
 )
 
-_BACKBONE_NAMES = {
-    "TOY_BACKBONES_VERSION",
-    "ToyBackbones",
-    "ToyLMSpec",
-    "ToyPretrainBudget",
-    "ToyVisionSpec",
-    "build_bert_tokenizer",
-    "build_lm_tokenizer",
-    "default_cache_root",
-    "ensure_toy_backbones",
-    "load_toy_vision_tower",
-    "toy_cache_key",
-}
-
 __all__ = [
     "COLOURS",
     "QUESTION_TYPES",
@@ -65,13 +61,16 @@ __all__ = [
     "parse_caption",
     "score_caption",
     "toy_questions",
-    *sorted(_BACKBONE_NAMES),
+    "TOY_BACKBONES_VERSION",
+    "ToyBackbones",
+    "ToyLMSpec",
+    "ToyPretrainBudget",
+    "ToyVisionSpec",
+    "build_bert_tokenizer",
+    "build_lm_tokenizer",
+    "default_cache_root",
+    "ensure_toy_backbones",
+    "load_toy_vision_tower",
+    "toy_cache_key",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _BACKBONE_NAMES:
-        from . import backbones
-
-        return getattr(backbones, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..io import remove_stale_temps
+from . import lm_pretraining, vision_pretraining
 from .cache import default_cache_root, publish_dir
 from .specs import (
     BERT_SUBDIR,
@@ -49,6 +50,7 @@ from .specs import (
     ToyVisionSpec,
 )
 from .tokenizer import build_bert_tokenizer, build_lm_tokenizer
+from .trainer import torch_threads
 from .world import ToyWorld
 
 if TYPE_CHECKING:  # torch is imported when something is trained or loaded, not before
@@ -203,9 +205,6 @@ def _train_into(
     progress: bool,
 ) -> dict[str, Any]:
     """Train both backbones and write the whole cache layout into ``out``; returns the summary."""
-    from . import lm_pretraining, vision_pretraining
-    from .trainer import torch_threads
-
     t0 = time.perf_counter()
     with torch_threads(budget.threads):
         tower, vmetrics = vision_pretraining.pretrain_vision(world, vision, budget, seed=seed, progress=progress)

@@ -22,15 +22,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-from ..io import atomic_dir, current_umask, remove_stale_temps
+from ..io import atomic_dir, cache_root, current_umask, remove_stale_temps
 
 __all__ = ["default_cache_root", "publish_dir", "sigterm_exits"]
 
 
 def default_cache_root() -> Path:
-    """``$QFORMER_CACHE`` if set, else ``~/.cache/qformer``; toy backbones go in ``<root>/toy``."""
-    env = os.environ.get("QFORMER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "qformer"
+    """qformer's cache (:func:`qformer.io.cache_root`); toy backbones go in ``<root>/toy``."""
+    return cache_root()
 
 
 @contextlib.contextmanager

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ..io import atomic_write_text
 from .questions import VQA_FILE
 
-if TYPE_CHECKING:
-    from .world import ToyWorld
+# The world these functions export: a ToyWorld (not imported: world.py imports this module).
+ToyWorld = Any
 
 __all__ = ["METADATA_FILE", "export_imagefolder", "export_vqa", "image_name"]
 

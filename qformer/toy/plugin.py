@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+from ..tokenizer import load_qformer_tokenizer
+from .backbones import ensure_toy_backbones
 from .cache import default_cache_root, publish_dir
 from .export import METADATA_FILE
 from .language import score_caption
@@ -138,8 +140,6 @@ def _exported_questions(world: ToyWorld, split: str, n: int, folder: Path) -> Pa
 
 
 def _backbone_values(names: set[str], budget: str, *, progress: bool) -> dict[str, Any]:
-    from .backbones import ensure_toy_backbones
-
     backbones = ensure_toy_backbones(progress=progress, budget=BUDGETS[budget]())
     vision = backbones.vision_config()
     out: dict[str, Any] = {
@@ -149,8 +149,6 @@ def _backbone_values(names: set[str], budget: str, *, progress: bool) -> dict[st
         "lm": str(backbones.lm_dir),
     }
     if "bert_vocab_size" in names:
-        from ..tokenizer import load_qformer_tokenizer
-
         # As the Q-Former's tokenizer is loaded for training (with [DEC]), not as written.
         out["bert_vocab_size"] = len(load_qformer_tokenizer(backbones.bert_tokenizer_dir))
     return {k: v for k, v in out.items() if k in names}
