@@ -1,6 +1,6 @@
 # Fresh-clone entry points (see README): `make demo` and `make test`.
-# Both create .venv on first use: torch from the pinned release first (on this project's
-# machines it is installed from local disk), then this package with its test extra.
+# Both create .venv on first use: torch first (TORCH_SPEC; the pinned release is a CUDA build of
+# several GB on x86_64 -- see the README for a CPU-only one), then this package with its test extra.
 VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
@@ -20,5 +20,7 @@ setup: $(BIN)/.qformer-installed
 test: setup
 	$(BIN)/python -m pytest -q
 
+# One process, started with python: the recipes are accelerate scripts (accelerate launch runs
+# them on many processes), and one process needs no launcher.
 demo: setup
-	$(BIN)/accelerate launch recipes/stage1.py && $(BIN)/accelerate launch recipes/stage2.py
+	$(BIN)/python recipes/stage1.py && $(BIN)/python recipes/stage2.py

@@ -243,7 +243,7 @@ def main() -> None:
                                      caption_column=column, progress=run.progress)
         refs = sum(len(r) for r in eval_set.references)
         say(f"{len(eval_set)} images, {refs} reference captions{f' (column {column!r})' if column else ''}"
-            f"{', toy scene attributes' if eval_set.has_toy_attributes else ''}")
+            + "".join(f", {name} references" for name in eval_set.scorer_references))
 
     if "vqa" in tasks:  # read (and check) the questions before hours of captioning, not after
         questions = load_vqa_questions(data.vqa, max_questions=args.max_questions)

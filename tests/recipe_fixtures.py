@@ -15,7 +15,9 @@ COLOURS = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 180, 60), 
 SHAPES = ["circle", "square"]
 
 
-def write_shapes_folder(directory: Path, n: int, *, seed: int, bad: bool = False) -> Path:
+def write_shapes_folder(directory: Path, n: int, *, seed: int, bad: bool = False, references: bool = False) -> Path:
+    """``n`` 32 px images of a coloured circle or square with a caption ("a red circle"); with
+    ``references``, also a ``captions`` list of three (as COCO files and toy exports have)."""
     g = torch.Generator().manual_seed(seed)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -27,7 +29,10 @@ def write_shapes_folder(directory: Path, n: int, *, seed: int, bad: bool = False
         (d.ellipse if shape == "circle" else d.rectangle)([6, 6, 26, 26], fill=COLOURS[colour])
         name = f"images/{i:04d}.png"
         im.save(directory / name)
-        rows.append({"file_name": name, "text": f"a {colour} {shape}"})
+        row = {"file_name": name, "text": f"a {colour} {shape}"}
+        if references:
+            row["captions"] = [row["text"], f"the {shape} is {colour}", f"one {colour} {shape}"]
+        rows.append(row)
     if bad:
         (directory / "images" / "corrupt.png").write_bytes(b"not a png at all")
         rows.append({"file_name": "images/corrupt.png", "text": "a broken image"})
@@ -68,7 +73,7 @@ def make_tiny_card(root: Path, *, train_size: int = 48, eval_size: int = 16, llm
             "augment": False,
             "cache_features": True,
             "stage1": {"train": str(write_shapes_folder(root / "train", train_size, seed=0, bad=True)),
-                       "eval": str(write_shapes_folder(root / "val", eval_size, seed=1))},
+                       "eval": str(write_shapes_folder(root / "val", eval_size, seed=1, references=True))},
             "stage2": {"train": str(root / "train"), "eval": str(root / "val")},
         },
         "stage1": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "batch_size": 8, "max_steps": 6, "log_every": 1,

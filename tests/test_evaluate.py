@@ -23,6 +23,7 @@ from qformer.adapters import load_adapter
 from qformer.config import VisionConfig
 from qformer.eval.captioning import caption_metrics
 from qformer.eval.tasks import (
+    reference_column,
     TRAINING_CAPTION_METRICS,
     VQAFileError,
     evaluate_captioning,
@@ -172,7 +173,7 @@ def test_captioning_and_vqa_score_what_the_model_says(toy_export: Path) -> None:
     vision = VisionConfig(backend="timm", name="vit_tiny_patch16_224", image_size=32)
     eval_set = open_eval_set(str(toy_export), vision=vision, max_images=None, caption_column="captions")
     assert len(eval_set) == TOY_IMAGES and all(len(r) == 5 for r in eval_set.references)
-    assert eval_set.has_toy_attributes  # scene attributes found for every image of a toy export
+    assert "toy" in eval_set.scorer_references  # the toy plugin found scene attributes for every image
     marked = dataclasses.replace(eval_set, inputs=torch.arange(len(eval_set), dtype=torch.float32)
                                  .view(-1, 1, 1, 1).expand(-1, 3, 2, 2))
     perfect = Oracle([refs[2] for refs in eval_set.references], {})
@@ -195,6 +196,32 @@ def test_captioning_and_vqa_score_what_the_model_says(toy_export: Path) -> None:
     assert [r["question_id"] for r in close.rows()] == [q.question_id for q in questions]
 
 
+def test_training_and_evaluate_share_one_caption_metric_definition(tmp_path: Path) -> None:
+    """The stage-2 recipe's periodic evaluation (qformer.recipe.load_eval_set) and
+    recipes/evaluate.py (open_eval_set with reference_column) score a caption against the same
+    references -- every caption the data lists for the image -- so they print the same numbers."""
+    from qformer.adapters import AdapterCard
+    from qformer.recipe import load_eval_set
+
+    folder = write_shapes_folder(tmp_path / "val", 6, seed=1, references=True)
+    vision = VisionConfig(backend="timm", name="vit_tiny_patch16_224", image_size=32)
+    card = AdapterCard.from_dict({"name": "t", "data": {"stage2": {"train": "x", "eval": str(folder)}}})
+    training = load_eval_set(card, 2, vision=vision, max_images=6)
+    evaluating = open_eval_set(str(folder), vision=vision, max_images=None, caption_column=reference_column(folder))
+    assert training.references == evaluating.references and all(len(r) == 3 for r in training.references)
+    model = Oracle(["a red circle"] * 6, {})
+
+    def scores(eval_set):
+        marked = dataclasses.replace(eval_set, inputs=torch.arange(len(eval_set), dtype=torch.float32)
+                                     .view(-1, 1, 1, 1).expand(-1, 3, 2, 2))
+        return dict(evaluate_captioning(model, marked, metrics=("bleu", "cider"), batch_size=4).metrics)
+
+    assert scores(training) == scores(evaluating) and scores(training)["CIDEr"] > 0
+    # One reference per image (the text column only) is another metric, which is why there is one rule.
+    single = open_eval_set(str(folder), vision=vision, max_images=None, caption_column="text")
+    assert scores(single) != scores(training)
+
+
 def test_refactored_stage2_evaluation_matches_the_old_inline_code(tiny_model: Path, toy_export: Path,
                                                                   tmp_path: Path) -> None:
     """recipes/stage2.py's evaluation moved into evaluate_captioning: same captions, metrics
@@ -209,7 +236,7 @@ def test_refactored_stage2_evaluation_matches_the_old_inline_code(tiny_model: Pa
     captions = dict(zip(mine, model.generate(**eval_set.generate_inputs(mine), **options)))
     scores = caption_metrics(captions, {i: eval_set.references[i] for i in mine}, metrics=metrics)
     old = {k: float(v) for k, v in scores.items()}
-    per = [score_caption(captions[i], eval_set.attributes[i]) for i in mine]
+    per = [score_caption(captions[i], eval_set.scorer_references["toy"][i]) for i in mine]
     old.update({f"toy_{k}": sum(p[k] for p in per) / len(per) for k in per[0]})
     old_samples = "\n".join(f"{i}\tpred: {captions[i]}\ttrue: {' | '.join(eval_set.references[i])}" for i in mine) + "\n"
     # --- the library

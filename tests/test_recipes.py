@@ -72,6 +72,19 @@ def test_stage1_then_stage2_single_process(tiny, tmp_path):
     assert (s2 / "samples.txt").is_file() and (s2 / "loss_curve.png").is_file()
     model = Blip2.from_pretrained(s2 / "model")
     assert len(model.caption(torch.zeros(2, 3, 32, 32), num_beams=1, max_new_tokens=3)) == 2
+    # One caption-metric definition: recipes/evaluate.py scores the same captions of the same images
+    # against the same references (all three of each image's list) and prints the same numbers.
+    val = tiny.parent / "val"
+    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "evaluate.py"), "--model", str(s2 / "model"),
+                           "--data", str(val), "--task", "caption", "--max-images", "8", "--no-progress",
+                           "--caption-metrics", "bleu,cider,rouge,meteor", "--output-dir", str(tmp_path / "ev")],
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = json.loads((s2 / "results.json").read_text())["results"]["captioning"]
+    evaluated = json.loads((tmp_path / "ev" / "results.json").read_text())["results"]["captioning"]
+    assert trained == evaluated  # (a 6-step model's captions are poor: tests/test_evaluate.py checks the numbers)
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "captions.jsonl").read_text().splitlines()]
+    assert all(len(r["references"]) == 3 for r in rows)
 
 
 @pytest.mark.slow

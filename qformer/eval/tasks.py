@@ -29,7 +29,8 @@ from ..data.samples import Sample, SkipSample
 from ..data.sources import CaptionRecord
 from ..distributed import gather_dict
 from ..errors import DataError
-from ..generation import generate, vqa_template as default_vqa_template
+from ..blip2 import Blip2
+from ..generation import vqa_template as default_vqa_template
 from ..io import atomic_write_lines, atomic_write_text
 from ..model import Blip2Model
 from .captioning import CaptionScores, caption_metrics
@@ -229,7 +230,7 @@ class CaptioningEvaluation:
 
 
 def evaluate_captioning(
-    model: Blip2Model,
+    model: Blip2,
     eval_set: EvalSet,
     *,
     rank: int = 0,
@@ -242,7 +243,7 @@ def evaluate_captioning(
     """Caption every image of ``eval_set`` (this rank its share, then gathered) with the
     model's training prompt, and score the captions against all references.
 
-    ``generate_options`` go to :func:`qformer.generation.generate` (``num_beams``, ``max_new_tokens``, ...;
+    ``generate_options`` go to :meth:`qformer.Blip2.generate` (``num_beams``, ``max_new_tokens``, ...;
     its defaults are LAVIS's). ``metrics``: :func:`caption_metrics` groups; metrics that need
     a missing Java are reported as skipped, not raised.
     """
@@ -253,7 +254,7 @@ def evaluate_captioning(
     part: dict[int, str] = {}
     chunks = _chunks(mine, batch_size)
     for index in _progress(chunks, enabled=progress and rank == 0, total=-(-len(mine) // batch_size), desc="captioning"):
-        part.update(zip(index, generate(model, **eval_set.generate_inputs(list(index)), **options)))
+        part.update(zip(index, model.generate(**eval_set.generate_inputs(list(index)), **options)))
     captions = gather_dict(part, world_size=world_size)
     refs = {i: eval_set.references[i] for i in range(len(eval_set))}
     scores = caption_metrics(captions, refs, metrics=metrics)
@@ -431,7 +432,7 @@ def vqa_template(model: Blip2Model, template: str | None = None) -> str:
 
 
 def evaluate_vqa(
-    model: Blip2Model,
+    model: Blip2,
     questions: Sequence[VQAQuestion],
     *,
     rank: int = 0,
@@ -465,7 +466,7 @@ def evaluate_vqa(
         pixels = model.vision.preprocess(paths)
         index = [paths.index(q.image) for q in chunk]
         prompts = [template.format(q.question) for q in chunk]
-        answers = generate(model, pixels[index], prompts, batch_size=len(chunk), **decode.generate_kwargs())
+        answers = model.generate(pixels[index], prompts, batch_size=len(chunk), **decode.generate_kwargs())
         part.update(zip((q.question_id for q in chunk), answers))
     predictions = gather_dict(part, world_size=world_size)
     predictions = {q.question_id: predictions[q.question_id] for q in questions}
