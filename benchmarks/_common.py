@@ -566,3 +566,11 @@ def common_arguments(parser, *, rounds: int, steps: int, warmup: int) -> None:
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler captures")
     parser.add_argument("--quiet-wait", type=float, default=10.0,
                         help="seconds to wait for other processes to go quiet before each timed block (default %(default)s)")
+
+
+def run_and_save(run, args, name: str):
+    """Run a benchmark's ``run(args)``, save its section as ``results/<name>.json`` and print it."""
+    sec = run(args)
+    sec.save(name)
+    print_section(sec)
+    return sec

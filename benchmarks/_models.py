@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qformer.testing import WORDS, captions, pixels, randomize_, write_bert_tokenizer  # noqa: F401  (re-exported)
+from qformer.testing import WORDS, captions, pixels, randomize_, save_random_hf, write_bert_tokenizer  # noqa: F401
 from qformer.testing import write_causal_tokenizer as _write_causal
 from qformer.testing import write_seq2seq_tokenizer as _write_seq2seq
 
@@ -65,12 +65,7 @@ def small_hf_blip2(directory: Path, kind: str, seed: int = 0):
     cfg = Blip2Config(vision_config=dict(SMALL_VISION), qformer_config=dict(SMALL_QFORMER),
                       text_config=_text_config(kind, tok).to_dict(), num_query_tokens=NUM_QUERY,
                       image_token_index=image_id)
-    torch.manual_seed(seed)
-    hf = Blip2ForConditionalGeneration(cfg).eval()
-    randomize_(hf, seed)
-    hf.save_pretrained(str(directory))
-    tok.save_pretrained(str(directory))
-    return hf, tok, image_id
+    return save_random_hf(Blip2ForConditionalGeneration, cfg, directory, tok, seed=seed), tok, image_id
 
 
 def hf_stage2_inputs(kind: str, batch: dict, image_id: int) -> dict:

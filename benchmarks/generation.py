@@ -169,9 +169,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
-    sec = run(args)
-    sec.save("generation")
-    C.print_section(sec)
+    sec = C.run_and_save(run, args, "generation")
     differ = [mode for mode in MODES if not sec.data[mode]["identical_tokens"]]
     if differ:
         raise SystemExit(f"generated tokens differ between ours and transformers: {differ}")

@@ -286,13 +286,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5, help="GEMM repetitions (median)")
-    p.add_argument("--quiet-wait", type=float, default=10.0)
-    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--quiet-wait", type=float, default=10.0,
+                   help="seconds to wait for other processes to go quiet before each timed block (default %(default)s)")
+    p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
     args = p.parse_args(argv)
-    sec = run(args)
-    sec.save("matmul_efficiency")
-    C.print_section(sec)
-    return sec
+    return C.run_and_save(run, args, "matmul_efficiency")
 
 
 if __name__ == "__main__":

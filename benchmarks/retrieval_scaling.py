@@ -34,7 +34,6 @@ import _common as C  # noqa: E402
 
 
 def run(args) -> C.Section:
-    import torch
 
     import _models as M
     from qformer.eval import retrieval as R
@@ -118,13 +117,11 @@ def main(argv=None):
     p.add_argument("--sizes", nargs="+", type=int, default=[100, 200, 400, 800])
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--quiet-wait", type=float, default=10.0)
-    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--quiet-wait", type=float, default=10.0,
+                   help="seconds to wait for other processes to go quiet before each timed block (default %(default)s)")
+    p.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
     args = p.parse_args(argv)
-    sec = run(args)
-    sec.save("retrieval_scaling")
-    C.print_section(sec)
-    return sec
+    return C.run_and_save(run, args, "retrieval_scaling")
 
 
 if __name__ == "__main__":

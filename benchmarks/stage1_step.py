@@ -439,10 +439,7 @@ def main(argv=None):
         return lavis_worker(args)
     if args.worker == "ours":
         return ours_worker(args)
-    sec = run(args)
-    sec.save("stage1_step")
-    C.print_section(sec)
-    return sec
+    return C.run_and_save(run, args, "stage1_step")
 
 
 if __name__ == "__main__":

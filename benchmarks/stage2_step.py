@@ -248,10 +248,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
-    sec = run(args)
-    sec.save("stage2_step")
-    C.print_section(sec)
-    return sec
+    return C.run_and_save(run, args, "stage2_step")
 
 
 if __name__ == "__main__":

@@ -172,31 +172,29 @@ def has_placeholder(node: Any) -> bool:
     return _placeholder(node) is not None
 
 
+def _check_keys(cls, data: dict[str, Any], where: str) -> None:
+    """Refuse keys that moved (naming where they went) and keys ``cls`` does not have."""
+    for key in data:
+        if f"{where}.{key}" in _MOVED:
+            raise ConfigError(f"{where}.{key} is not a setting any more: use {_MOVED[f'{where}.{key}']}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+
+
 def check_model_section(model: dict[str, Any], where: str = "model") -> None:
     """Refuse unknown keys anywhere in a card's ``model`` section (values may still be
     ``SCHEME://`` placeholders); build each placeholder-free sub-config to check its values."""
     if not isinstance(model, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(model).__name__}")
-    for key in model:
-        if f"{where}.{key}" in _MOVED:
-            raise ConfigError(f"{where}.{key} is not a setting any more: use {_MOVED[f'{where}.{key}']}")
     for name, cls in (("vision", VisionConfig), ("qformer", QFormerConfig), ("llm", LLMConfig)):
         sub = model.get(name)
         if isinstance(sub, dict):
-            for key in sub:
-                if f"{where}.{name}.{key}" in _MOVED:
-                    raise ConfigError(f"{where}.{name}.{key} is not a setting any more: use "
-                                      f"{_MOVED[f'{where}.{name}.{key}']}")
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(sub) - known)
-            if unknown:
-                raise ConfigError(f"{where}.{name}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+            _check_keys(cls, sub, f"{where}.{name}")
             if not has_placeholder(sub):
                 cls.from_dict(sub)
-    known = {f.name for f in dataclasses.fields(Blip2Config)}
-    unknown = sorted(set(model) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    _check_keys(Blip2Config, model, where)
     if not has_placeholder(model):
         Blip2Config.from_dict(model)
 

@@ -23,6 +23,7 @@ from .config import VisionConfig
 from .data import CaptionLoader, FeatureCache, fill_feature_cache, open_caption_dataset, open_caption_source
 from .data.sources import FileCaptionSource, WebDatasetCaptionSource, detect_spec_kind
 from .errors import CheckpointError, ConfigError
+from .eval.report import write_results
 from .eval.tasks import EvalSet, open_eval_set
 from .io import atomic_write_json
 from .run import Run, start_run
@@ -95,6 +96,19 @@ def start_recipe(args: argparse.Namespace, stage: int) -> tuple[Run, AdapterCard
     return run, card
 
 
+def finish_recipe(run: Run, card: AdapterCard, stage: int, state, model, *, task: str, include_frozen: bool) -> None:
+    """After a run that reached its last step: the final model in ``model/`` (the frozen parts
+    only when nothing else says where to load them from) and ``results.{json,md}`` with the
+    last evaluation under ``task``, the steps, samples and seconds per phase."""
+    if state.step == card.train_config(stage).max_steps and run.is_main:
+        model.save_pretrained(run.output_dir / "model", include_frozen=include_frozen)
+        write_results({task: state.last_eval}, run.output_dir, name="results", title=f"{card.name}: stage {stage}",
+                      extra={"adapter": card.name, "steps": state.step, "samples": state.samples_seen,
+                             "seconds": run.seconds()})
+        run.print(f"\nstage {stage} done: {run.timing_summary()}; model saved to {run.output_dir / 'model'}")
+    run.accelerator.end_training()
+
+
 # ---------------------------------------------------------------------------- data
 def feature_cache_for(run: Run, tower, specs: list[Any], *, source_options: dict[str, str] | None = None):
     """Open (and fill, on the main process) the frozen-feature cache for ``specs``."""
@@ -136,5 +150,5 @@ def load_eval_set(card: AdapterCard, stage: int, *, vision: VisionConfig, max_im
                          seed=card.train_config(stage).seed, caption_column=card.data.caption_column)
 
 
-__all__ = ["check_data_spec", "default_init_from", "feature_cache_for", "load_eval_set", "open_training_data",
+__all__ = ["check_data_spec", "default_init_from", "feature_cache_for", "finish_recipe", "load_eval_set", "open_training_data",
            "start_recipe"]

@@ -50,6 +50,18 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
             p.copy_(0.1 * noise)
 
 
+def save_random_hf(model_class, config, directory: Path, tokenizer, *, seed: int = 0):
+    """A transformers model of ``model_class`` built from ``config`` with :func:`randomize_`
+    weights, saved with ``tokenizer`` to ``directory`` (what ``from_pretrained`` loads); returns it
+    in eval mode."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    randomize_(model, seed)
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return model
+
+
 def pixels(n: int, size: int, seed: int = 0) -> torch.Tensor:
     """(n, 3, size, size) standard-normal "images"."""
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
@@ -128,6 +140,7 @@ __all__ = [
     "captions",
     "pixels",
     "randomize_",
+    "save_random_hf",
     "train_bpe",
     "write_bert_tokenizer",
     "write_causal_tokenizer",

@@ -15,11 +15,11 @@ from __future__ import annotations
 from qformer import Blip2, Stage1Objective
 from qformer.cli import parse_recipe_args, run_main
 from qformer.data import Stage1Collator
-from qformer.eval.report import format_grid, write_results
+from qformer.eval.report import format_grid
 from qformer.eval.tasks import evaluate_eval_set_retrieval
 from qformer.loop import fit
 from qformer.persistence import init_qformer_from_bert
-from qformer.recipe import feature_cache_for, load_eval_set, open_training_data, start_recipe
+from qformer.recipe import feature_cache_for, finish_recipe, load_eval_set, open_training_data, start_recipe
 from qformer.tokenizer import load_qformer_tokenizer
 
 
@@ -79,15 +79,7 @@ def main() -> None:
                 title=f"{card.name}: stage 1", plot_spans=[(0, ramp, "ITM + ITG ramping in")] if ramp else [])
 
     # ---------------------------------------------------------------- save and report
-    if state.step == train.max_steps and run.is_main:
-        # The frozen tower is written only if nothing else says where to load it from.
-        model.save_pretrained(run.output_dir / "model", include_frozen=not cfg.vision.pretrained)
-        write_results({"retrieval": state.last_eval}, run.output_dir, name="results",
-                      title=f"{card.name}: stage 1",
-                      extra={"adapter": card.name, "steps": state.step, "samples": state.samples_seen,
-                             "seconds": run.seconds()})
-        run.print(f"\nstage 1 done: {run.timing_summary()}; model saved to {run.output_dir / 'model'}")
-    run.accelerator.end_training()
+    finish_recipe(run, card, 1, state, model, task="retrieval", include_frozen=not cfg.vision.pretrained)
 
 
 if __name__ == "__main__":

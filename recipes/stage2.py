@@ -16,12 +16,13 @@ from __future__ import annotations
 from qformer import Blip2, Stage2Objective, Stage2TextCollator
 from qformer.cli import parse_recipe_args, run_main
 from qformer.data import Stage2Collator
-from qformer.eval.report import format_table, write_results
+from qformer.eval.report import format_table
 from qformer.eval.tasks import evaluate_captioning
 from qformer.llm import is_encoder_decoder
 from qformer.loop import fit
 from qformer.persistence import init_from_stage1
-from qformer.recipe import default_init_from, feature_cache_for, load_eval_set, open_training_data, start_recipe
+from qformer.recipe import (default_init_from, feature_cache_for, finish_recipe, load_eval_set, open_training_data,
+                            start_recipe)
 from qformer.tokenizer import load_qformer_tokenizer
 
 
@@ -74,13 +75,8 @@ def main() -> None:
                 title=f"{card.name}: stage 2")
 
     # ---------------------------------------------------------------- save and report
-    if state.step == train.max_steps and run.is_main:
-        model.save_pretrained(run.output_dir / "model", include_frozen=not (cfg.vision.pretrained and cfg.llm.path))
-        write_results({"captioning": state.last_eval}, run.output_dir, name="results", title=f"{card.name}: stage 2",
-                      extra={"adapter": card.name, "steps": state.step, "samples": state.samples_seen,
-                             "seconds": run.seconds()})
-        run.print(f"\nstage 2 done: {run.timing_summary()}; model saved to {run.output_dir / 'model'}")
-    run.accelerator.end_training()
+    finish_recipe(run, card, 2, state, model, task="captioning",
+                  include_frozen=not (cfg.vision.pretrained and cfg.llm.path))
 
 
 if __name__ == "__main__":

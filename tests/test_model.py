@@ -12,6 +12,7 @@ import torch
 from conftest import randomize_, write_bert_tokenizer
 from PIL import Image
 
+from qformer.testing import save_random_hf
 from qformer import Blip2, Blip2Config, CheckpointError, QFormerConfig, Stage1Objective, UnsafeCheckpointError, VisionConfig
 from qformer.persistence import ours_to_lavis
 
@@ -67,12 +68,7 @@ def _hf_retrieval(tmp: Path, tok, *, seed=0, image_token_index=None):
         image_text_hidden_size=32,
         image_token_index=image_token_index,
     )
-    torch.manual_seed(seed)
-    hf = Blip2ForImageTextRetrieval(cfg).eval()
-    randomize_(hf, seed)
-    hf.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    return hf
+    return save_random_hf(Blip2ForImageTextRetrieval, cfg, tmp, tok, seed=seed)
 
 
 def test_parity_with_transformers_retrieval_model(tmp_path, tok):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import randomize_, write_causal_tokenizer, write_seq2seq_tokenizer
 
+from qformer.testing import save_random_hf
 from qformer import Blip2, Blip2Config, QFormerConfig
 from qformer.config import LLMConfig
 from qformer.stage2 import Stage2Objective, Stage2TextCollator, split_prefix_lm
@@ -61,12 +62,7 @@ def make_hf_generation(directory: Path, kind: str, seed: int = 0, tokenizer=None
         num_query_tokens=Q,
         image_token_index=image_id,
     )
-    torch.manual_seed(seed)
-    hf = Blip2ForConditionalGeneration(cfg).eval()
-    randomize_(hf, seed)
-    hf.save_pretrained(str(directory))
-    tok.save_pretrained(str(directory))
-    return hf, tok, image_id
+    return save_random_hf(Blip2ForConditionalGeneration, cfg, directory, tok, seed=seed), tok, image_id
 
 
 def pixels(n=3, seed=0):

@@ -41,7 +41,26 @@ def _shared_epoch(epoch: int = 0) -> torch.Tensor:
     return torch.tensor(epoch, dtype=torch.int64).share_memory_()
 
 
-class CaptionDataset(Dataset):
+class _SharedEpoch:
+    """The source's name and the epoch, held in shared memory so that ``set_epoch`` reaches
+    persistent DataLoader workers too (it seeds the next epoch's augmentations)."""
+
+    source: CaptionSource
+    _epoch: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.item())
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
+
+
+class CaptionDataset(_SharedEpoch, Dataset):
     """Map-style: ``dataset[i]`` is a :class:`Sample` or a :class:`Skipped` sentinel.
 
     Args:
@@ -66,18 +85,6 @@ class CaptionDataset(Dataset):
         self.scan_report: DataReport | None = None
         if scan:
             self.scan(progress=progress)
-
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch.item())
-
-    def set_epoch(self, epoch: int) -> None:
-        """Seeds the next epoch's augmentations (reaches persistent workers through shared memory)."""
-        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return len(self._indices) if self._indices is not None else len(self.source)
@@ -116,7 +123,7 @@ class CaptionDataset(Dataset):
         return report
 
 
-class IterableCaptionDataset(IterableDataset):
+class IterableCaptionDataset(_SharedEpoch, IterableDataset):
     """Streaming: yields :class:`Sample` only (bad samples are filtered and counted).
 
     The data is split across ``rank`` x DataLoader worker (``world_size * num_workers``
@@ -138,17 +145,6 @@ class IterableCaptionDataset(IterableDataset):
             rank, world_size = dist_info()
         self.rank, self.world_size = int(rank), int(world_size)
         self._epoch = _shared_epoch()
-
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch.item())
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.fill_(int(epoch))
 
     def _consumer(self) -> tuple[int, int]:
         info = get_worker_info()

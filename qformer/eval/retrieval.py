@@ -257,25 +257,12 @@ def rerank_with_itm(
     return SimMatrices(scores_i2t, scores_t2i, int(keys.numel()), k_i2t, k_t2i, sim)
 
 
-def compute_sim_matrix(
-    image_feats: torch.Tensor,
-    text_feats: torch.Tensor,
-    itm_scorer: ItmScorer | None,
-    *,
-    k: int = 128,
-    combine: Combine = "itm+itc",
-    chunk_size: int = 128,
-    rank: int | None = None,
-    world_size: int | None = None,
-    progress: bool = False,
-) -> SimMatrices:
+def compute_sim_matrix(image_feats: torch.Tensor, text_feats: torch.Tensor, itm_scorer: ItmScorer | None,
+                       **rerank: Any) -> SimMatrices:
     """LAVIS's ``compute_sim_matrix`` on precomputed features: ITC similarity of normalised
-    ``image_feats`` (N_img, Q, E) and ``text_feats`` (N_txt, E), then :func:`rerank_with_itm`."""
-    sim = itc_similarity(image_feats, text_feats)
-    return rerank_with_itm(
-        sim, itm_scorer, k=k, combine=combine, chunk_size=chunk_size,
-        rank=rank, world_size=world_size, progress=progress,
-    )
+    ``image_feats`` (N_img, Q, E) and ``text_feats`` (N_txt, E), then :func:`rerank_with_itm`
+    (``rerank``: its keyword arguments ``k``, ``combine``, ``chunk_size``, ``rank``, ...)."""
+    return rerank_with_itm(itc_similarity(image_feats, text_feats), itm_scorer, **rerank)
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -344,21 +331,14 @@ def retrieval_from_features(
     txt2img: Sequence[int | Sequence[int]],
     img2txt: Sequence[Sequence[int]] | None = None,
     *,
-    k: int = 128,
-    combine: Combine = "itm+itc",
-    chunk_size: int = 128,
-    rank: int | None = None,
-    world_size: int | None = None,
-    progress: bool = False,
     return_scores: bool = False,
+    **rerank: Any,
 ) -> RetrievalResult:
     """:func:`compute_sim_matrix` then :func:`retrieval_metrics`: the whole protocol on
-    precomputed features and any ITM scorer (a fake one in tests)."""
-    sims = compute_sim_matrix(
-        image_feats, text_feats, itm_scorer, k=k, combine=combine, chunk_size=chunk_size,
-        rank=rank, world_size=world_size, progress=progress,
-    )
-    return _finish(sims, txt2img, img2txt, combine=combine, return_scores=return_scores)
+    precomputed features and any ITM scorer (a fake one in tests); ``rerank``: the keyword
+    arguments of :func:`rerank_with_itm`."""
+    sims = compute_sim_matrix(image_feats, text_feats, itm_scorer, **rerank)
+    return _finish(sims, txt2img, img2txt, combine=rerank.get("combine", "itm+itc"), return_scores=return_scores)
 
 
 def _finish(sims: SimMatrices, txt2img, img2txt, *, combine: str, return_scores: bool) -> RetrievalResult:
