@@ -20,20 +20,6 @@ from PIL import Image
 
 from ...errors import DataError
 
-__all__ = [
-    "CAPTION_COLUMNS",
-    "FILE_IMAGE_COLUMNS",
-    "ID_COLUMNS",
-    "AnyRecord",
-    "BadRecord",
-    "CaptionRecord",
-    "CaptionSource",
-    "ConcatCaptionSource",
-    "DatasetSpecError",
-    "ImageRef",
-    "caption_list",
-    "missing_column_error",
-]
 
 #: Caption columns tried in order when none is given.
 CAPTION_COLUMNS: tuple[str, ...] = ("text", "caption", "captions", "sentences")
