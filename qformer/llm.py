@@ -11,6 +11,7 @@ rows of a decoding step.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -157,9 +158,9 @@ def input_dtype(model: nn.Module) -> torch.dtype:
     return base_llm(model).get_input_embeddings().weight.dtype
 
 
-def load_llm_tokenizer(cfg: LLMConfig, path: str | None = None):
+def load_llm_tokenizer(cfg: LLMConfig | None = None, path: str | os.PathLike | None = None):
     """The LLM's tokenizer from ``path`` or ``cfg.path`` (never ``trust_remote_code``)."""
-    source = path or cfg.path
+    source = path or (cfg.path if cfg is not None else None)
     if source is None:
         raise ConfigError("an LLM built from llm.hf_config needs its tokenizer: pass Blip2(config, llm_tokenizer=...)")
     from transformers import AutoTokenizer

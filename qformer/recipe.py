@@ -83,12 +83,11 @@ def start_recipe(args: argparse.Namespace, stage: int) -> tuple[Run, AdapterCard
     set_seed(train.seed)  # the same initial weights on every rank and in every rerun
     run = start_run(args.output_dir or Path("runs") / card.name / f"stage{stage}", progress=not args.no_progress,
                     mixed_precision=train.mixed_precision, grad_accum=train.grad_accum, log_with="tensorboard")
+    provided = [name for name in ("train", "eval") if has_placeholder(getattr(card.data.split(stage), name))]
     with run.accelerator.main_process_first():  # e.g. the toy backbones: pretrained once, by one process
         card = resolve_resources(card, progress=run.progress)
-    split = card.data.split(stage)
-    for spec in (split.train, split.eval):  # what a plugin provided, now that it exists
-        if spec is not None:
-            check_data_spec(spec, **card.data.source_options())
+    for name in provided:  # what a plugin provided, now that it exists (the rest was checked above)
+        check_data_spec(getattr(card.data.split(stage), name), **card.data.source_options())
     if run.is_main:
         atomic_write_json(run.output_dir / "card.json", card.to_dict(), default=str)
     hparams = {f"train/{k}": v for k, v in train.to_dict().items() if isinstance(v, (int, float, str, bool))}

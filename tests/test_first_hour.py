@@ -5,6 +5,8 @@ run and leaves the last good checkpoint the newest; reports and ``--help`` say w
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -22,8 +24,6 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def recipe(stage: int, *args: str, cache: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    import os
-
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if cache is not None:
@@ -59,7 +59,7 @@ def test_mistakes_fail_in_seconds_before_the_toy_backbones(tmp_path, args, messa
     started = time.perf_counter()
     proc = recipe(1, "--adapter", "toy", "--output-dir", str(tmp_path / "out"), *args, cache=cache, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert __import__("re").match(message, last_line(proc)), last_line(proc)
+    assert re.match(message, last_line(proc)), last_line(proc)
     assert "Traceback" not in proc.stderr
     assert not cache.exists() or not any(cache.rglob("*")), "something was built before the check"
     assert time.perf_counter() - started < 60

@@ -13,7 +13,7 @@ import torch
 
 from ..config import Blip2Config
 from ..errors import CheckpointError
-from ..llm import base_llm
+from ..llm import base_llm, load_llm_tokenizer
 from ..tokenizer import load_qformer_tokenizer
 from .report import summarise
 
@@ -62,13 +62,11 @@ def qformer_tokenizer(tokenizer: Any, fallback_dir: Path | None):
 
 def llm_tokenizer(tokenizer: Any, *candidates: Any):
     """The LLM tokenizer asked for (an object or a path), else the first candidate directory that exists."""
-    from transformers import AutoTokenizer
-
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     for cand in ([tokenizer] if tokenizer is not None else []) + [c for c in candidates if c is not None]:
         if Path(str(cand)).is_dir() or tokenizer is not None:
-            return AutoTokenizer.from_pretrained(str(cand), trust_remote_code=False)
+            return load_llm_tokenizer(path=cand)
     return None
 
 
