@@ -20,6 +20,7 @@ import torch
 from . import generation, inference
 from .images import ImageInput
 from .model import Blip2Model
+from .video import VideoInput
 from .persistence import LoadOptions, LoadReport, export_transformers, load_blip2, save_blip2
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,17 +56,24 @@ class Blip2(Blip2Model):
     # ------------------------------------------------------------------ generation
     def generate(self, images: ImageInput | None = None, prompt: str | Sequence[str] | None = None,
                  **options: Any) -> list[str]:
-        """Text for each image after a prompt; see :func:`qformer.generation.generate` (LAVIS's
-        defaults: beam 5, up to 30 new tokens; sampling, ``num_captions``, penalties ...)."""
+        """Text for each image (or ``videos=`` clip) after a prompt; see
+        :func:`qformer.generation.generate` (LAVIS's defaults: beam 5, up to 30 new tokens;
+        sampling, ``num_captions``, penalties ...)."""
         return generation.generate(self, images, prompt, **options)
 
-    def caption(self, images: ImageInput, **options: Any) -> list[str]:
-        """Captions with the training prompt; see :func:`qformer.generation.caption`."""
-        return generation.caption(self, images, **options)
+    def caption(self, images: ImageInput | None = None, *, videos: VideoInput | None = None,
+                **options: Any) -> list[str]:
+        """Captions of images (or ``videos=`` clips) with the training prompt; see
+        :func:`qformer.generation.caption`."""
+        return generation.caption(self, images, videos=videos, **options)
 
-    def answer(self, images: ImageInput, questions: str | Sequence[str], **options: Any) -> list[str]:
-        """BLIP-2's zero-shot VQA; see :func:`qformer.generation.answer`."""
-        return generation.answer(self, images, questions, **options)
+    def answer(self, images: ImageInput | None = None, questions: str | Sequence[str] = (), *,
+               videos: VideoInput | None = None, **options: Any) -> list[str]:
+        """BLIP-2's zero-shot VQA (an instruction-aware model reads the question in its Q-Former
+        too); see :func:`qformer.generation.answer`."""
+        if not questions:
+            raise ValueError("answer() needs questions")
+        return generation.answer(self, images, questions, videos=videos, **options)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike, *, include_frozen: bool = True) -> None:

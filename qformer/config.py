@@ -124,6 +124,9 @@ class QFormerConfig:
     # False: the stage-2-only Q-Former of transformers' Blip2ForConditionalGeneration and
     # LAVIS's Blip2OPT/T5 (no word/position embeddings, no text FFNs, no LM head).
     text_input: bool = True
+    # BERT's LM head (ITG); InstructBLIP's Q-Former reads text but has none (transformers'
+    # InstructBlip classes, LAVIS's *_instruct models).
+    lm_head: bool = True
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -134,6 +137,8 @@ class QFormerConfig:
             raise ConfigError(f"qformer.cross_attention_freq must be >= 1, got {self.cross_attention_freq}")
         if self.num_query_tokens < 1:
             raise ConfigError(f"qformer.num_query_tokens must be >= 1, got {self.num_query_tokens}")
+        if self.lm_head and not self.text_input:
+            self.lm_head = False  # no text input, nothing for an LM head to read
 
     def has_cross_attention(self, layer_idx: int) -> bool:
         return layer_idx % self.cross_attention_freq == 0
@@ -216,10 +221,27 @@ class Blip2Config:
     max_txt_len: int = 32
     dec_token_id: int = 30522
     sep_token_id: int = 102
+    # InstructBLIP: the Q-Former reads the instruction (Q-Former tokenizer) beside the queries;
+    # only the query outputs become soft prompts. Needs qformer.text_input.
+    instruction_aware: bool = False
+    # Longest instruction the Q-Former reads, in its tokens (LAVIS's instruct configs: 128);
+    # longer ones keep their end (truncated on the left, as LAVIS).
+    instruction_max_len: int = 128
+    # A video model (transformers' InstructBlipVideo): exported as that class. Any model with an
+    # LLM takes videos= (frames through the tower and Q-Former, T x Q soft prompts in frame order).
+    video: bool = False
+    # Frames sampled uniformly from a video file or frame folder (InstructBlipVideo: 4).
+    num_frames: int = 4
 
     def __post_init__(self) -> None:
         if self.stage1_heads and not self.qformer.text_input:
             raise ConfigError("stage1_heads=True needs qformer.text_input=True (ITC/ITM/ITG read text)")
+        if self.stage1_heads and not self.qformer.lm_head:
+            raise ConfigError("stage1_heads=True needs qformer.lm_head=True (ITG predicts words)")
+        if self.instruction_aware and not self.qformer.text_input:
+            raise ConfigError("instruction_aware=True needs qformer.text_input=True (the Q-Former reads the instruction)")
+        if self.num_frames < 1:
+            raise ConfigError(f"num_frames must be >= 1, got {self.num_frames}")
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

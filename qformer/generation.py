@@ -6,6 +6,10 @@
 * :func:`generate` runs transformers' ``generate`` with LAVIS's defaults (beam 5, up to 30 new
   tokens) and stops where the checkpoint says (:func:`qformer.llm.end_of_text_ids`).
 * :func:`caption` and :func:`answer` are BLIP-2's captioning and zero-shot VQA prompts.
+
+An instruction-aware model (InstructBLIP) reads each text prompt twice, as transformers'
+processor feeds it: in the Q-Former beside the queries, and in the LLM after the soft prompts.
+Video clips (``videos=``) give T x Q soft prompts each, frame by frame (InstructBlipVideo).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from .config import ConfigError
 from .images import ImageInput
 from .llm import end_of_text_ids, input_embeddings, is_encoder_decoder
 from .model import Blip2Model
+from .tokenizer import instruction_tokens
+from .video import VideoInput, preprocess_videos
 
 # BLIP-2's zero-shot VQA prompts.
 VQA_PROMPT_CAUSAL = "Question: {} Answer:"
@@ -42,25 +48,73 @@ def _require_llm(model: Blip2Model) -> None:
         raise ConfigError("this is a stage-1 model: generation needs an LLM (config.llm)")
 
 
-def generation_inputs(model: Blip2Model, image_embeds: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``inputs_embeds`` / ``attention_mask`` for ``llm.generate``: soft prompts then each text
-    prompt. Decoder-only LLMs are LEFT padded (so every row ends in real tokens); encoder inputs
-    are right padded."""
+def instruction_inputs(model: Blip2Model, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """An instruction-aware model's Q-Former tokens of ``prompts`` (empty for other models)."""
+    if not model.config.instruction_aware:
+        return {}
+    if model.tokenizer is None:
+        raise ConfigError("this instruction-aware model has no Q-Former tokenizer to read the instruction with")
+    toks = instruction_tokens(model.tokenizer, list(prompts), max_length=model.config.instruction_max_len)
+    return {k: v.to(model.device) for k, v in toks.items()}
+
+
+def clip_soft_prompts(
+    model: Blip2Model, image_embeds: torch.Tensor, lengths: Sequence[int], prompts: Sequence[str]
+) -> list[torch.Tensor]:
+    """Soft prompts of clips whose frames are stacked in ``image_embeds`` (sum T_i, N, C), clip
+    ``i`` having ``lengths[i]`` frames and the text prompt ``prompts[i]``: a list of
+    (T_i * Q, H) tensors, each frame's Q projected query outputs in frame order. Images are
+    clips of one frame."""
+    toks = instruction_inputs(model, prompts)
+    frames = torch.tensor(list(lengths), device=image_embeds.device)
+    if toks:  # each frame reads its clip's instruction
+        toks = {k: v.repeat_interleave(frames, dim=0) for k, v in toks.items()}
+    soft = model.soft_prompts(image_embeds, instruction_ids=toks.get("qformer_input_ids"),
+                              instruction_mask=toks.get("qformer_attention_mask"))  # (sum T, Q, H)
+    return [clip.flatten(0, 1) for clip in soft.split(list(lengths))]
+
+
+def generation_inputs(
+    model: Blip2Model, soft_prompts: torch.Tensor | Sequence[torch.Tensor], prompts: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """``inputs_embeds`` / ``attention_mask`` for ``llm.generate``: each row's soft prompts
+    ((B, S, H), or one (S_i, H) tensor per row: clips of different lengths) then its text
+    prompt. Decoder-only LLMs are LEFT padded (so every row ends in real tokens, and a row's
+    result does not depend on what it is batched with); encoder inputs are right padded."""
     tok = model.llm_tokenizer
-    soft = model.soft_prompts(image_embeds)  # (B, Q, H)
-    b, q, h = soft.shape
+    rows = list(soft_prompts.unbind(0)) if isinstance(soft_prompts, torch.Tensor) else list(soft_prompts)
     ids = [tok(p).input_ids for p in prompts]  # BOS / </s> as the tokenizer adds them
-    longest = max(len(x) for x in ids)
-    embeds = soft.new_zeros(b, q + longest, h)
-    mask = torch.zeros(b, q + longest, dtype=torch.long, device=soft.device)
+    b, h = len(rows), rows[0].shape[-1]
+    lengths = [r.shape[0] + len(x) for r, x in zip(rows, ids)]
+    longest = max(lengths)
+    ref = rows[0]
+    embeds = ref.new_zeros(b, longest, h)
+    mask = torch.zeros(b, longest, dtype=torch.long, device=ref.device)
     left = not is_encoder_decoder(model.llm)
-    for i, row in enumerate(ids):
-        n = q + len(row)
-        start = q + longest - n if left else 0
-        text = input_embeddings(model.llm, torch.tensor([row], device=soft.device))[0] if row else soft.new_zeros(0, h)
-        embeds[i, start : start + n] = torch.cat([soft[i], text.to(soft.dtype)])
+    for i, (soft, row) in enumerate(zip(rows, ids)):
+        n = lengths[i]
+        start = longest - n if left else 0
+        text = input_embeddings(model.llm, torch.tensor([row], device=ref.device))[0] if row else ref.new_zeros(0, h)
+        embeds[i, start : start + n] = torch.cat([soft, text.to(soft.dtype)])
         mask[i, start : start + n] = 1
     return dict(inputs_embeds=embeds, attention_mask=mask)
+
+
+def _visual_inputs(
+    model: Blip2Model, images: ImageInput | None, videos: VideoInput | None, vision_features: torch.Tensor | None
+) -> tuple[list[torch.Tensor], bool]:
+    """Per image or clip, its preprocessed frames ((T, 3, S, S); T = 1 for images) or its
+    tower features ((T, N, C)), and whether they are features."""
+    given = [x is not None for x in (images, videos, vision_features)]
+    if sum(given) != 1:
+        raise ValueError("pass exactly one of images=, videos= and vision_features=")
+    if vision_features is not None:
+        if vision_features.dim() == 3:  # (B, N, C) images
+            return list(vision_features.unsqueeze(1).unbind(0)), True
+        return list(vision_features.unbind(0)), True  # (B, T, N, C) clips
+    if videos is not None:
+        return preprocess_videos(videos, model.vision.preprocess, model.config.num_frames), False
+    return list(model.vision.preprocess(images).unsqueeze(1).unbind(0)), False
 
 
 @torch.no_grad()
@@ -69,6 +123,7 @@ def generate(
     images: ImageInput | None = None,
     prompt: str | Sequence[str] | None = None,
     *,
+    videos: VideoInput | None = None,
     vision_features: torch.Tensor | None = None,
     num_beams: int = 5,
     max_new_tokens: int = 30,
@@ -82,22 +137,25 @@ def generate(
     batch_size: int = 32,
     **generate_kwargs: Any,
 ) -> list[str]:
-    """Text for each image (``num_captions`` per image, image-major), from the LLM conditioned
-    on the soft prompts and the text ``prompt`` (one for all, or one per image; default
-    ``config.llm.prompt``). Defaults are LAVIS's: beam 5, up to 30 new tokens.
-    ``do_sample=True`` is nucleus sampling (``top_p``, ``temperature``), one beam.
-    ``vision_features`` (N, T, C): the frozen tower's output instead of ``images``.
+    """Text for each image or video clip (``num_captions`` each, input-major), from the LLM
+    conditioned on the soft prompts and the text ``prompt`` (one for all, or one per input;
+    default ``config.llm.prompt``). An instruction-aware model (InstructBLIP) also feeds each
+    prompt to its Q-Former, as transformers' processor does. Defaults are LAVIS's: beam 5, up
+    to 30 new tokens. ``do_sample=True`` is nucleus sampling (``top_p``, ``temperature``), one beam.
+
+    ``videos``: a (B, T, 3, H, W) tensor or a list of clips (see :mod:`qformer.video`: tensors,
+    frame lists, frame folders, video files sampled to ``config.num_frames``); each frame goes
+    through the tower and the Q-Former and the clip's T x Q outputs are its soft prompt. Clips
+    of different lengths may share a batch (each row is padded on its own).
+    ``vision_features`` (B, N, C) or (B, T, N, C): the frozen tower's output instead.
     Other keyword arguments go to transformers' ``generate``."""
     _require_llm(model)
-    if vision_features is None:
-        pixels = model.vision.preprocess(images).to(model.device)
-        n = pixels.shape[0]
-    else:
-        n = vision_features.shape[0]
+    inputs, are_features = _visual_inputs(model, images, videos, vision_features)
+    n = len(inputs)
     prompts = [prompt] * n if prompt is None or isinstance(prompt, str) else list(prompt)
     prompts = [model.config.llm.prompt if p is None else p for p in prompts]
     if len(prompts) != n:
-        raise ValueError(f"got {n} images but {len(prompts)} prompts")
+        raise ValueError(f"got {n} {'clips' if videos is not None else 'images'} but {len(prompts)} prompts")
     tok = model.llm_tokenizer
     eos = end_of_text_ids(tok, model.config.llm, encoder_decoder=is_encoder_decoder(model.llm))
     options = dict(
@@ -116,28 +174,30 @@ def generate(
     options.update(generate_kwargs)
     texts: list[str] = []
     for start in range(0, n, batch_size):
-        if vision_features is None:
-            embeds = model.embed_image(pixels[start : start + batch_size])
-        else:
-            embeds = model.embed_image(vision_features=vision_features[start : start + batch_size].to(model.device))
-        inputs = generation_inputs(model, embeds, prompts[start : start + batch_size])
-        out = model.llm.generate(**inputs, **options)
+        chunk = inputs[start : start + batch_size]
+        stacked = torch.cat(chunk).to(model.device)  # (sum T, 3, S, S) or (sum T, N, C)
+        embeds = model.embed_image(vision_features=stacked) if are_features else model.embed_image(stacked)
+        soft = clip_soft_prompts(model, embeds, [x.shape[0] for x in chunk], prompts[start : start + batch_size])
+        out = model.llm.generate(**generation_inputs(model, soft, prompts[start : start + batch_size]), **options)
         texts.extend(t.strip() for t in tok.batch_decode(out, skip_special_tokens=True))
     return texts
 
 
 @torch.no_grad()
-def caption(model: Blip2Model, images: ImageInput, **generate_options: Any) -> list[str]:
-    """Captions with the training prompt (``config.llm.prompt``); see :func:`generate`."""
-    return generate(model, images, None, **generate_options)
+def caption(model: Blip2Model, images: ImageInput | None = None, *, videos: VideoInput | None = None,
+            **generate_options: Any) -> list[str]:
+    """Captions of images or video clips with the training prompt (``config.llm.prompt``); see
+    :func:`generate`."""
+    return generate(model, images, None, videos=videos, **generate_options)
 
 
 @torch.no_grad()
 def answer(
     model: Blip2Model,
-    images: ImageInput,
+    images: ImageInput | None,
     questions: str | Sequence[str],
     *,
+    videos: VideoInput | None = None,
     template: str | None = None,
     num_beams: int = 5,
     max_new_tokens: int = 10,
@@ -145,18 +205,27 @@ def answer(
     **generate_options: Any,
 ) -> list[str]:
     """Zero-shot VQA as BLIP-2: "Question: {} Answer:" (causal LMs) or "Question: {} Short
-    answer:" (seq2seq), beam 5, at most 10 new tokens, length penalty -1. One image may be
-    asked several questions."""
+    answer:" (seq2seq), beam 5, at most 10 new tokens, length penalty -1. One image (or clip,
+    ``videos=``) may be asked several questions. An instruction-aware model's Q-Former reads
+    the formatted question too."""
     _require_llm(model)
     questions = as_list(questions)
     template = template if template is not None else vqa_template(model)
-    pixels = model.vision.preprocess(images)
-    if pixels.shape[0] == 1 and len(questions) > 1:
-        pixels = pixels.expand(len(questions), -1, -1, -1)
+    visual: dict[str, Any]
+    if videos is not None:
+        clips = preprocess_videos(videos, model.vision.preprocess, model.config.num_frames)
+        if len(clips) == 1 and len(questions) > 1:
+            clips = clips * len(questions)
+        visual = dict(videos=clips)
+    else:
+        pixels = model.vision.preprocess(images)
+        if pixels.shape[0] == 1 and len(questions) > 1:
+            pixels = pixels.expand(len(questions), -1, -1, -1)
+        visual = dict(images=pixels)
     return generate(
         model,
-        pixels,
-        [template.format(q) for q in questions],
+        prompt=[template.format(q) for q in questions],
+        **visual,
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
         length_penalty=length_penalty,
@@ -170,7 +239,9 @@ __all__ = [
     "answer",
     "as_list",
     "caption",
+    "clip_soft_prompts",
     "generate",
     "generation_inputs",
+    "instruction_inputs",
     "vqa_template",
 ]

@@ -303,7 +303,7 @@ class MED(nn.Module):
         self.config = config
         self.embeddings = MEDEmbeddings(config)
         self.layers = nn.ModuleList([MEDLayer(config, i) for i in range(config.num_layers)])
-        self.lm_head = MEDLMHead(config) if config.text_input else None
+        self.lm_head = MEDLMHead(config) if config.text_input and config.lm_head else None
         self.gradient_checkpointing = False  # set by the training recipe (TrainConfig.gradient_checkpointing)
         self.reset_parameters()
 
@@ -416,7 +416,7 @@ class MED(nn.Module):
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (..., V) of text hidden states (..., D)."""
         if self.lm_head is None:
-            raise ValueError("this Q-Former has no LM head (qformer.text_input=False)")
+            raise ValueError("this Q-Former has no LM head (qformer.lm_head=False or text_input=False)")
         return self.lm_head(hidden, self.embeddings.word_embeddings.weight)
 
 

@@ -33,10 +33,29 @@ STAGE1_ONLY_PREFIXES: tuple[str, ...] = (
 )
 
 
+# The Q-Former's text-input parts: an instruction-aware Q-Former (InstructBLIP) uses them in stage 2.
+TEXT_INPUT_PREFIXES: tuple[str, ...] = ("qformer.embeddings.word_embeddings.", "qformer.embeddings.position_embeddings.")
+
+
 def is_stage1_only(name: str) -> bool:
     """Whether parameter ``name`` belongs to the stage-1-only parts (see :data:`STAGE1_ONLY_PREFIXES`;
     the temperature and the text FFNs ``layers.N.ffn.*`` too)."""
     return name == "temp" or name.startswith(STAGE1_ONLY_PREFIXES) or ".ffn." in name
+
+
+def is_text_input(name: str) -> bool:
+    """Whether parameter ``name`` is one of the Q-Former's text-input parts (word/position
+    embeddings, text FFNs), which an instruction-aware Q-Former runs on the instruction."""
+    return name.startswith(TEXT_INPUT_PREFIXES) or (name.startswith("qformer.layers.") and ".ffn." in name)
+
+
+def unused_in_stage2(name: str, config: Blip2Config) -> bool:
+    """Whether parameter ``name`` gets no gradient from a stage-2 (or instruction-tuning) step:
+    the stage-1-only parts, except the text-input parts an instruction-aware Q-Former reads
+    (all but the last layer's text FFN: only query outputs leave the last layer)."""
+    if config.instruction_aware and is_text_input(name):
+        return name.startswith(f"qformer.layers.{config.qformer.num_layers - 1}.ffn.")
+    return is_stage1_only(name)
 
 
 @dataclass
@@ -62,7 +81,7 @@ def check_tokenizer(tokenizer: "PreTrainedTokenizerBase", config: Blip2Config) -
     source of truth), and refuse a tokenizer whose padding id or vocabulary does not fit the
     Q-Former's embeddings."""
     problems = []
-    if tokenizer.bos_token_id is None:
+    if tokenizer.bos_token_id is None and config.stage1_heads:
         problems.append("it has no bos token; load it with qformer.tokenizer.load_qformer_tokenizer to add [DEC]")
     if tokenizer.pad_token_id != config.qformer.pad_token_id:
         problems.append(f"pad token id {tokenizer.pad_token_id} != qformer.pad_token_id {config.qformer.pad_token_id}")
@@ -70,7 +89,8 @@ def check_tokenizer(tokenizer: "PreTrainedTokenizerBase", config: Blip2Config) -
         problems.append(f"it has {len(tokenizer)} tokens but qformer.vocab_size is {config.qformer.vocab_size}")
     if problems:
         raise ConfigError("tokenizer does not match the model config: " + "; ".join(problems))
-    config.dec_token_id = tokenizer.bos_token_id
+    if tokenizer.bos_token_id is not None:
+        config.dec_token_id = tokenizer.bos_token_id
     if tokenizer.sep_token_id is not None:
         config.sep_token_id = tokenizer.sep_token_id
 
@@ -172,6 +192,23 @@ class Blip2Model(nn.Module):
         out = self.qformer(query_embeds=queries, image_kv=image_kv, return_kv=return_kv)
         return ImageEncoding(image_embeds=image_embeds, image_kv=image_kv, query_output=out.hidden, query_kv=out.kv)
 
+    def encode_image_with_instruction(
+        self, image_embeds: torch.Tensor, instruction_ids: torch.Tensor, instruction_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """InstructBLIP's Q-Former pass: ``[queries ; instruction]`` share bidirectional
+        self-attention, only the queries cross-attend to the image (B, N, C); returns the query
+        outputs (B, Q, D). ``instruction_ids`` (B, L) are Q-Former (BERT) tokens."""
+        n, q = image_embeds.shape[0], self.num_query_tokens
+        if instruction_ids.shape[0] != n:
+            raise ValueError(f"{instruction_ids.shape[0]} instructions for {n} images (one per image)")
+        if instruction_mask is None:
+            instruction_mask = torch.ones_like(instruction_ids)
+        mask = torch.cat([instruction_mask.new_ones(n, q), instruction_mask], dim=1)  # (B, Q+L)
+        return self.qformer(
+            input_ids=instruction_ids, query_embeds=self.query_tokens.expand(n, -1, -1), attention_mask=mask,
+            image_kv=self.image_kv(image_embeds), output_rows=q,
+        ).hidden  # (B, Q, D)
+
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, cls_only: bool = False
     ) -> torch.Tensor:
@@ -218,13 +255,43 @@ class Blip2Model(nn.Module):
         """The Q-Former's LM head (ITG): (..., D) text hidden states -> (..., V) vocabulary logits."""
         return self.qformer.lm_logits(text_hidden)
 
-    def soft_prompts(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Stage 2: (B, N, C) image embeddings -> (B, Q, H_llm) projected query outputs, in the
-        dtype of the LLM's input embeddings."""
+    def soft_prompts(
+        self,
+        image_embeds: torch.Tensor,
+        *,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+        frames: int = 1,
+    ) -> torch.Tensor:
+        """Stage 2: image embeddings -> projected query outputs, in the dtype of the LLM's
+        input embeddings.
+
+        Images: (B, N, C) -> (B, Q, H_llm). Video clips of ``frames`` frames each: (B*T, N, C)
+        frame-major per clip -> (B, T*Q, H_llm), each frame's Q outputs in frame order
+        (InstructBlipVideo). An instruction-aware model reads ``instruction_ids`` (B, L) (one
+        per image or clip, repeated over its frames); without them it runs queries only.
+        """
         if self.config.llm is None:
             raise ConfigError("this is a stage-1 model: soft prompts need an LLM (config.llm)")
-        query_output = self.encode_image(image_embeds).query_output  # (B, Q, D)
-        return self.language_projection(query_output).to(input_dtype(self.llm))
+        if image_embeds.shape[0] % frames:
+            raise ValueError(f"{image_embeds.shape[0]} frames do not split into clips of {frames}")
+        if self.config.instruction_aware and instruction_ids is None:
+            raise ValueError("this model is instruction-aware: pass the instruction's Q-Former tokens (instruction_ids)")
+        if instruction_ids is not None:
+            if not self.config.instruction_aware:
+                raise ConfigError("instruction_ids given to a model whose Q-Former reads no instruction "
+                                  "(config.instruction_aware is False)")
+            if frames > 1:  # every frame of a clip reads the clip's instruction
+                instruction_ids = instruction_ids.repeat_interleave(frames, dim=0)
+                if instruction_mask is not None:
+                    instruction_mask = instruction_mask.repeat_interleave(frames, dim=0)
+            query_output = self.encode_image_with_instruction(image_embeds, instruction_ids, instruction_mask)
+        else:
+            query_output = self.encode_image(image_embeds).query_output  # (B*T, Q, D)
+        prompts = self.language_projection(query_output).to(input_dtype(self.llm))  # (B*T, Q, H)
+        if frames > 1:
+            prompts = prompts.reshape(prompts.shape[0] // frames, frames * prompts.shape[1], prompts.shape[2])
+        return prompts
 
     def forward(
         self,
@@ -276,7 +343,9 @@ class Blip2Model(nn.Module):
         Stage 1: everything but the frozen vision tower (and LLM). Stage 2: the query path of
         the Q-Former (query tokens, ln_vision, self/cross-attention, query FFNs, embedding
         LayerNorm), the language projection and any LoRA adapters; the stage-1-only parts
-        (:func:`is_stage1_only`) get no gradient in stage 2, so they are frozen.
+        (:func:`is_stage1_only`) get no gradient in stage 2, so they are frozen -- except, in an
+        instruction-aware model, the text-input parts that read the instruction
+        (:func:`unused_in_stage2`).
         """
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
@@ -290,7 +359,7 @@ class Blip2Model(nn.Module):
             elif stage == 1:
                 p.requires_grad_(not name.startswith("language_projection."))
             else:
-                p.requires_grad_(not is_stage1_only(name))
+                p.requires_grad_(not unused_in_stage2(name, self.config))
 
     @torch.no_grad()
     def clamp_temperature_(self, low: float = 0.001, high: float = 0.5) -> None:
@@ -298,5 +367,5 @@ class Blip2Model(nn.Module):
         self.temperature.clamp_(low, high)
 
 
-__all__ = ["Blip2Features", "Blip2Model", "ImageEncoding", "STAGE1_ONLY_PREFIXES", "check_tokenizer",
-           "is_stage1_only"]
+__all__ = ["Blip2Features", "Blip2Model", "ImageEncoding", "STAGE1_ONLY_PREFIXES", "TEXT_INPUT_PREFIXES",
+           "check_tokenizer", "is_stage1_only", "is_text_input", "unused_in_stage2"]

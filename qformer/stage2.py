@@ -29,6 +29,7 @@ from torch import nn
 from .config import ConfigError, LLMConfig
 from .llm import causal_logits_at, end_of_text_ids, input_embeddings, is_encoder_decoder
 from .model import Blip2Model
+from .tokenizer import instruction_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
@@ -51,12 +52,18 @@ def _join(prompt: str, text: str) -> str:
 
 
 class Stage2TextCollator:
-    """Captions -> LLM tensors for :class:`Stage2Objective`.
+    """Captions (or answers) -> LLM tensors for :class:`Stage2Objective`.
 
     Causal LMs: ``input_ids``, ``attention_mask`` (right padded, BOS from the tokenizer) and
     ``labels`` (-100 on the prompt incl. BOS, and on padding). Seq2seq LMs:
     ``input_ids`` / ``attention_mask`` for the encoder, ``labels`` (-100 on padding) and
     ``decoder_attention_mask`` for the decoder.
+
+    Each row's prompt is ``config.prompt`` unless ``prompts=`` gives one per row (instruction
+    tuning: the instruction is the prompt, the answer the target). With ``qformer_tokenizer``
+    (an instruction-aware model, InstructBLIP) the prompts are also tokenised for the Q-Former:
+    ``qformer_input_ids`` / ``qformer_attention_mask`` (truncated on the left to
+    ``qformer_max_length``, as LAVIS, so a long instruction keeps its question).
     """
 
     def __init__(
@@ -66,11 +73,15 @@ class Stage2TextCollator:
         *,
         encoder_decoder: bool,
         generator: torch.Generator | None = None,
+        qformer_tokenizer: "PreTrainedTokenizerBase | None" = None,
+        qformer_max_length: int = 128,
     ) -> None:
         self.tokenizer = tokenizer
         self.config = config
         self.encoder_decoder = encoder_decoder
         self.generator = generator
+        self.qformer_tokenizer = qformer_tokenizer
+        self.qformer_max_length = int(qformer_max_length)
         if config.text_mode == "prefix_lm" and not encoder_decoder:
             raise ConfigError("llm.text_mode='prefix_lm' needs an encoder-decoder LLM (T5); causal LMs use 'prompt'")
         if tokenizer.pad_token_id is None:
@@ -78,34 +89,57 @@ class Stage2TextCollator:
         if not encoder_decoder:
             end_of_text_ids(tokenizer, config)  # a caption must end in a token generation can stop at
             self.eot = config.end_of_text if config.end_of_text is not None else tokenizer.eos_token
-            # the prompt's length in tokens, BOS included (as LAVIS counts it)
-            self.prompt_length = len(tokenizer(config.prompt).input_ids) if config.prompt else 0
+        if qformer_tokenizer is not None and config.text_mode == "prefix_lm":
+            raise ConfigError("an instruction-aware model trains on prompts (llm.text_mode='prompt'), not the prefix-LM split")
 
     def _tok(self, texts: list[str]):
         return self.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.config.max_txt_len, return_tensors="pt"
         )
 
-    def __call__(self, captions: Sequence[str], *, seeds: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    def _prompt_length(self, prompt: str) -> int:
+        """The prompt's length in tokens, BOS included (as LAVIS counts it)."""
+        return len(self.tokenizer(prompt).input_ids) if prompt else 0
+
+    def qformer_tokens(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The instructions in the Q-Former's tokens (padding longest, truncated on the left)."""
+        return instruction_tokens(self.qformer_tokenizer, list(prompts), max_length=self.qformer_max_length)
+
+    def __call__(
+        self,
+        captions: Sequence[str],
+        *,
+        seeds: Sequence[int] | None = None,
+        prompts: Sequence[str | None] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """``seeds``: one per caption, for the prefix-LM split (reproducible in any worker and
-        after a resume); without them the collator's own generator is used."""
+        after a resume); without them the collator's own generator is used. ``prompts``: one
+        per caption (None: ``config.prompt``)."""
         captions = list(captions)
+        if prompts is None:
+            row_prompts = [self.config.prompt] * len(captions)
+        else:
+            if len(prompts) != len(captions):
+                raise ValueError(f"{len(prompts)} prompts for {len(captions)} captions")
+            row_prompts = [self.config.prompt if p is None else p for p in prompts]
+        extra = self.qformer_tokens(row_prompts) if self.qformer_tokenizer is not None else {}
         if not self.encoder_decoder:
             old = self.tokenizer.padding_side
             self.tokenizer.padding_side = "right"
             try:
-                tok = self._tok([_join(self.config.prompt, c) + self.eot for c in captions])
+                tok = self._tok([_join(p, c) + self.eot for p, c in zip(row_prompts, captions)])
             finally:
                 self.tokenizer.padding_side = old
             labels = tok.input_ids.masked_fill(tok.attention_mask == 0, -100)
-            if self.prompt_length:
-                labels[:, : self.prompt_length] = -100
-            return dict(input_ids=tok.input_ids, attention_mask=tok.attention_mask, labels=labels)
-        if self.config.text_mode == "prefix_lm":
+            lengths = {p: self._prompt_length(p) for p in set(row_prompts)}
+            for i, p in enumerate(row_prompts):
+                labels[i, : lengths[p]] = -100
+            return dict(input_ids=tok.input_ids, attention_mask=tok.attention_mask, labels=labels, **extra)
+        if self.config.text_mode == "prefix_lm" and prompts is None:
             gens = [torch.Generator().manual_seed(int(x)) for x in seeds] if seeds is not None else [self.generator] * len(captions)
             pairs = [split_prefix_lm(c, g) for c, g in zip(captions, gens)]
         else:
-            pairs = [(self.config.prompt, c) for c in captions]
+            pairs = list(zip(row_prompts, captions))
         enc = self._tok([p for p, _ in pairs])
         dec = self._tok([t for _, t in pairs])
         labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
@@ -114,6 +148,7 @@ class Stage2TextCollator:
             attention_mask=enc.attention_mask,
             labels=labels,
             decoder_attention_mask=dec.attention_mask,
+            **extra,
         )
 
 
@@ -151,14 +186,26 @@ class Stage2Objective(nn.Module):
         pixel_values: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,  # accepted (and unused) so stage-1 batches fit
         step: int | None = None,  # accepted (and unused): the loop passes every objective its step
         generator: torch.Generator | None = None,  # accepted (and unused): no random draw in stage 2
     ) -> Stage2Output:
+        """Images: ``pixel_values`` (B, 3, H, W) / ``vision_features`` (B, N, C) /
+        ``image_embeds``. Video clips: ``pixel_values`` (B, T, 3, H, W) or ``vision_features``
+        (B, T, N, C), every clip of the batch T frames. ``qformer_input_ids`` /
+        ``qformer_attention_mask``: the instruction for an instruction-aware Q-Former."""
         model = self.model
+        frames = 1
+        if pixel_values is not None and pixel_values.dim() == 5:  # (B, T, 3, H, W) clips
+            frames, pixel_values = pixel_values.shape[1], pixel_values.flatten(0, 1)
+        if vision_features is not None and vision_features.dim() == 4:  # (B, T, N, C) clips
+            frames, vision_features = vision_features.shape[1], vision_features.flatten(0, 1)
         if image_embeds is None:
             image_embeds = model.embed_image(pixel_values, vision_features=vision_features)
-        prompts = model.soft_prompts(image_embeds)  # (B, Q, H)
+        prompts = model.soft_prompts(image_embeds, instruction_ids=qformer_input_ids,
+                                     instruction_mask=qformer_attention_mask, frames=frames)  # (B, T*Q, H)
         b, q = prompts.shape[:2]
         text = input_embeddings(model.llm, input_ids)  # (B, L, H)
         embeds = torch.cat([prompts.to(text.dtype), text], dim=1)

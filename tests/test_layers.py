@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qformer"
 
 # Bottom up. A module may import modules of its own layer or below, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("configs and utilities", ("config", "errors", "io", "weights", "images", "distributed", "plugins", "tokenizer",
+    ("configs and utilities", ("config", "errors", "io", "weights", "images", "video", "distributed", "plugins", "tokenizer",
                                "testing")),
     ("model parts", ("med", "losses", "llm", "vision")),
     ("Blip2 features and heads", ("model",)),

@@ -1,4 +1,5 @@
-"""Export to transformers' ``Blip2ForConditionalGeneration`` (with tokenizer and processor).
+"""Export to transformers' ``Blip2ForConditionalGeneration``, ``InstructBlipForConditionalGeneration``
+or ``InstructBlipVideoForConditionalGeneration`` (with tokenizers and processor).
 
 transformers 5.x inserts ``num_query_tokens`` image placeholder tokens (``image_token_index``)
 into the LLM's input ids and scatters the projected queries there; the export adds an
@@ -17,8 +18,9 @@ import torch
 from ..errors import CheckpointError
 from ..io import atomic_dir
 from ..llm import base_llm, end_of_text_ids, is_encoder_decoder
-from ..model import Blip2Model, is_stage1_only
+from ..model import Blip2Model, is_stage1_only, is_text_input
 from .common import VISION_PREFIX, clean_llm_state_dict
+from .instructblip import QFORMER_TOKENIZER_DIR, ours_to_instructblip
 from .eva import blip2_vision_config_kwargs_from_eva, convert_eva_timm_to_blip2_hf
 from .keymaps import ours_to_hf_retrieval
 
@@ -64,19 +66,52 @@ def _merged_llm_state_dict(model: Blip2Model) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _qformer_kwargs(model: Blip2Model) -> dict:
+    q = model.config.qformer
+    return dict(
+        vocab_size=q.vocab_size, hidden_size=q.hidden_size, num_hidden_layers=q.num_layers,
+        num_attention_heads=q.num_heads, intermediate_size=q.intermediate_size, hidden_act=q.hidden_act,
+        hidden_dropout_prob=q.hidden_dropout, attention_probs_dropout_prob=q.attention_dropout,
+        max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
+        pad_token_id=q.pad_token_id, cross_attention_frequency=q.cross_attention_freq,
+        encoder_hidden_size=q.encoder_width,
+    )
+
+
+def _placeholder_token(model: Blip2Model, tok, token: str) -> int:
+    """Add the image/video placeholder ``token`` to ``tok``; its id must be a row of the LLM's embeddings."""
+    if token not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [token]})
+    token_id = tok.convert_tokens_to_ids(token)
+    rows = base_llm(model.llm).get_input_embeddings().weight.shape[0]
+    if token_id >= rows:
+        raise CheckpointError(
+            f"the {token} placeholder token would get id {token_id}, outside the LLM's {rows}-row embedding matrix; "
+            "transformers needs it inside (resize the LLM's embeddings first)"
+        )
+    return token_id
+
+
 def export_transformers(model: Blip2Model, directory: Path) -> None:
-    """Write a directory that ``transformers.Blip2ForConditionalGeneration.from_pretrained``
-    loads with the same outputs (plus its tokenizer and ``Blip2Processor``). Generation there
-    stops where ours does: the end-of-text id(s) go into the text config and the generation
-    config."""
-    from transformers import Blip2Config as HFBlip2Config
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor, GenerationConfig
+    """Write a directory that transformers loads with the same outputs, plus its tokenizer(s)
+    and processor: ``Blip2ForConditionalGeneration`` for a BLIP-2 model,
+    ``InstructBlipForConditionalGeneration`` for an instruction-aware one, and
+    ``InstructBlipVideoForConditionalGeneration`` for an instruction-aware video model
+    (``config.video``). Generation there stops where ours does: the end-of-text id(s) go into
+    the text config and the generation config."""
+    import transformers
+    from transformers import BlipImageProcessor, GenerationConfig
 
     cfg = model.config
     if cfg.llm is None:
-        raise CheckpointError("export_transformers writes a Blip2ForConditionalGeneration: the model needs an LLM")
+        raise CheckpointError("export_transformers writes a transformers generation model: the model needs an LLM")
     if cfg.llm.quantization is not None:
         raise CheckpointError("a quantised LLM cannot be exported; load the model with llm_quantization=None first")
+    if cfg.video and not cfg.instruction_aware:
+        raise CheckpointError("transformers' video class (InstructBlipVideo) has an instruction-aware Q-Former; "
+                              "this model's Q-Former reads no instruction")
+    if cfg.instruction_aware and model.tokenizer is None:
+        raise CheckpointError("an instruction-aware model needs its Q-Former tokenizer to be exported")
     vision_kwargs, vision_sd = _vision_for_hf(model)
     if abs(vision_kwargs.get("layer_norm_eps", 1e-6) - cfg.ln_vision_eps) > 0:
         warnings.warn(
@@ -87,39 +122,29 @@ def export_transformers(model: Blip2Model, directory: Path) -> None:
     lm = base_llm(model.llm)
     eos = end_of_text_ids(model.llm_tokenizer, cfg.llm, encoder_decoder=is_encoder_decoder(model.llm))
     tok = copy.deepcopy(model.llm_tokenizer)
-    if IMAGE_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    image_token = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    rows = lm.get_input_embeddings().weight.shape[0]
-    if image_token >= rows:
-        raise CheckpointError(
-            f"the image placeholder token would get id {image_token}, outside the LLM's {rows}-row embedding matrix; "
-            "transformers' BLIP-2 needs it inside (resize the LLM's embeddings first)"
-        )
-    q = cfg.qformer
-    hf_config = HFBlip2Config(
+    family = "InstructBlipVideo" if cfg.video else "InstructBlip" if cfg.instruction_aware else "Blip2"
+    placeholder = {"InstructBlipVideo": ("<video>", "video_token_index")}.get(family, (IMAGE_TOKEN, "image_token_index"))
+    token_id = _placeholder_token(model, tok, placeholder[0])
+    qformer_kwargs = _qformer_kwargs(model)
+    if family == "Blip2":
+        qformer_kwargs["use_qformer_text_input"] = False
+    hf_config = getattr(transformers, f"{family}Config")(
         vision_config=vision_kwargs,
-        qformer_config=dict(
-            vocab_size=q.vocab_size, hidden_size=q.hidden_size, num_hidden_layers=q.num_layers,
-            num_attention_heads=q.num_heads, intermediate_size=q.intermediate_size, hidden_act=q.hidden_act,
-            hidden_dropout_prob=q.hidden_dropout, attention_probs_dropout_prob=q.attention_dropout,
-            max_position_embeddings=q.max_position_embeddings, layer_norm_eps=q.layer_norm_eps,
-            pad_token_id=q.pad_token_id, cross_attention_frequency=q.cross_attention_freq,
-            encoder_hidden_size=q.encoder_width, use_qformer_text_input=False,
-        ),
+        qformer_config=qformer_kwargs,
         text_config={**lm.config.to_dict(), "eos_token_id": eos[0] if len(eos) == 1 else eos},
-        num_query_tokens=q.num_query_tokens,
-        image_token_index=image_token,
+        num_query_tokens=cfg.qformer.num_query_tokens,
+        **{placeholder[1]: token_id},
     )
     ours = {k: v for k, v in model.state_dict().items() if not k.startswith(("llm.", VISION_PREFIX))}
-    ours = {k: v for k, v in ours.items() if not is_stage1_only(k)}
-    sd = ours_to_hf_retrieval(ours, vision_prefix=VISION_PREFIX)
+    # transformers' classes hold no stage-1 heads; InstructBLIP's Q-Former keeps its text-input parts
+    ours = {k: v for k, v in ours.items() if not is_stage1_only(k) or (cfg.instruction_aware and is_text_input(k))}
+    sd = ours_to_instructblip(ours) if cfg.instruction_aware else ours_to_hf_retrieval(ours, vision_prefix=VISION_PREFIX)
     sd.update({"vision_model." + k: v for k, v in vision_sd.items()})
     sd.update({"language_model." + k: v for k, v in _merged_llm_state_dict(model).items()})
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        hf = Blip2ForConditionalGeneration(hf_config)
+        hf = getattr(transformers, f"{family}ForConditionalGeneration")(hf_config)
     own = hf.state_dict()
     unexpected = sorted(set(sd) - set(own))
     if unexpected:
@@ -130,18 +155,27 @@ def export_transformers(model: Blip2Model, directory: Path) -> None:
     missing = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
     if missing:
         raise CheckpointError(f"export is missing weights transformers needs: {missing[:8]}")
-    vcfg = cfg.vision
-    image_processor = BlipImageProcessor(
-        size={"height": vcfg.image_size, "width": vcfg.image_size},
-        image_mean=list(vcfg.mean), image_std=list(vcfg.std), resample=3,  # PIL bicubic
-    )
     hf.generation_config = GenerationConfig.from_model_config(hf_config.text_config)
     hf.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
+    vcfg = cfg.vision
+    pixels = dict(size={"height": vcfg.image_size, "width": vcfg.image_size},
+                  image_mean=list(vcfg.mean), image_std=list(vcfg.std), resample=3)  # PIL bicubic
     with atomic_dir(directory) as tmp:
         hf.save_pretrained(str(tmp))
-        Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=q.num_query_tokens).save_pretrained(
-            str(tmp)
-        )
+        q = cfg.qformer.num_query_tokens
+        if family == "Blip2":
+            processor = transformers.Blip2Processor(image_processor=BlipImageProcessor(**pixels), tokenizer=tok,
+                                                    num_query_tokens=q)
+        elif family == "InstructBlip":
+            processor = transformers.InstructBlipProcessor(image_processor=BlipImageProcessor(**pixels), tokenizer=tok,
+                                                           qformer_tokenizer=model.tokenizer, num_query_tokens=q)
+        else:
+            processor = transformers.InstructBlipVideoProcessor(
+                video_processor=transformers.InstructBlipVideoVideoProcessor(**pixels), tokenizer=tok,
+                qformer_tokenizer=model.tokenizer, num_query_tokens=q)
+        processor.save_pretrained(str(tmp))
+        if cfg.instruction_aware:  # the hub layout: the Q-Former's tokenizer in its own folder
+            model.tokenizer.save_pretrained(str(tmp / QFORMER_TOKENIZER_DIR))
 
 
 __all__ = ["IMAGE_TOKEN", "export_transformers"]

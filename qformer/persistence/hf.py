@@ -37,7 +37,7 @@ def is_generation(meta: dict) -> bool:
     return "Blip2ForConditionalGeneration" in archs or ("text_config" in meta and "Blip2ForImageTextRetrieval" not in archs)
 
 
-def _hf_blip2_parts(meta: dict[str, Any], directory: Path | None) -> tuple[VisionConfig, QFormerConfig]:
+def hf_blip2_parts(meta: dict[str, Any], directory: Path | None) -> tuple[VisionConfig, QFormerConfig]:
     v = dict(meta["vision_config"])
     q = dict(meta["qformer_config"])
     mean, std = None, None
@@ -80,7 +80,7 @@ def _hf_blip2_parts(meta: dict[str, Any], directory: Path | None) -> tuple[Visio
 def blip2_config_from_hf(meta: dict[str, Any], directory: Path | None = None) -> Blip2Config:
     """Our config equivalent to a transformers ``Blip2Config`` dict (retrieval or generation).
     With ``directory``, its ``generation_config.json`` says where generation stops."""
-    vision, qformer = _hf_blip2_parts(meta, directory)
+    vision, qformer = hf_blip2_parts(meta, directory)
     llm = None
     if meta.get("text_config") is not None and (
         "Blip2ForConditionalGeneration" in (meta.get("architectures") or []) or not qformer.text_input
@@ -165,7 +165,7 @@ def build_llm_from_state_dict(llm_config: LLMConfig, sd: dict[str, torch.Tensor]
     return model.eval()
 
 
-def _extract_llm(path: Path, llm_config: LLMConfig, llm_sd: dict[str, torch.Tensor]) -> str:
+def extract_llm(path: Path, llm_config: LLMConfig, llm_sd: dict[str, torch.Tensor]) -> str:
     """Write the LLM of a BLIP-2 directory out once (cached by content), for bitsandbytes,
     which quantises only while loading from a transformers directory."""
     digest = hashlib.sha256()
@@ -192,7 +192,7 @@ def load_hf_generation(cls, path: Path, meta: dict, opts: LoadOptions) -> tuple[
     if not llm_sd:
         raise CheckpointError(f"{path}: no language_model.* weights")
     if config.llm.quantization is not None:
-        config.llm.path = _extract_llm(path, config.llm, llm_sd)
+        config.llm.path = extract_llm(path, config.llm, llm_sd)
         config.llm.hf_config = None
         llm = None
     else:
@@ -209,6 +209,8 @@ def load_hf_generation(cls, path: Path, meta: dict, opts: LoadOptions) -> tuple[
 
 __all__ = [
     "adopt_end_of_text",
+    "extract_llm",
+    "hf_blip2_parts",
     "blip2_config_from_hf",
     "build_llm_from_state_dict",
     "is_generation",

@@ -9,6 +9,7 @@ from ..errors import CheckpointError
 from ..model import Blip2Model
 from .common import CONFIG_NAME, LoadOptions, read_json
 from .hf import is_generation, is_hf_blip2, load_hf_generation, load_hf_retrieval
+from .instructblip import is_hf_instructblip, load_hf_instructblip
 from .lavis import load_lavis
 from .ours import is_ours, load_ours
 from .report import LoadReport
@@ -30,9 +31,11 @@ def load_blip2(cls: type[Blip2Model], path: Path, opts: LoadOptions) -> tuple[Bl
         if is_hf_blip2(meta):
             loader = load_hf_generation if is_generation(meta) else load_hf_retrieval
             return loader(cls, path, meta, opts)
+        if is_hf_instructblip(meta):
+            return load_hf_instructblip(cls, path, meta, opts)
         raise CheckpointError(
             f"{cfg_path}: neither a qformer checkpoint (format={meta.get('format')!r}) "
-            f"nor a transformers BLIP-2 config (model_type={meta.get('model_type')!r})"
+            f"nor a transformers BLIP-2 / InstructBLIP config (model_type={meta.get('model_type')!r})"
         )
     if path.suffix in (".pth", ".pt", ".bin"):
         if config is None:
