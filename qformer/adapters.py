@@ -18,6 +18,7 @@ Sections::
     data:         DataConfig: per stage ``train`` / ``eval`` datasets, augmentation, columns
     stage1:       TrainConfig fields, plus ``objective:`` (Stage1Config: loss weights, ramp ...)
     stage2:       TrainConfig fields
+    instruct:     TrainConfig fields of instruction tuning (recipes/instruct.py)
     eval:         EvalConfig: per-stage evaluation settings
     plugins:      options of resource schemes, per scheme (``plugins: {toy: {budget: tiny}}``)
     expected:     figures from the paper that tests check (parameter counts)
@@ -66,6 +67,18 @@ def adapters_dir() -> Path:
     return _CHECKOUT if _CHECKOUT.is_dir() and any(_CHECKOUT.glob("*.yaml")) else _PACKAGED
 
 
+#: A training stage: 1, 2 or "instruct" (instruction tuning, after stage 2).
+Stage = int | str
+STAGES: tuple[Stage, ...] = (1, 2, "instruct")
+
+
+def stage_key(stage: Stage) -> str:
+    """The card section of a stage: ``stage1``, ``stage2``, ``instruct``."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    return f"stage{stage}" if isinstance(stage, int) else stage
+
+
 # ---------------------------------------------------------------------------- typed sections
 @dataclass(kw_only=True)
 class DataSplits:
@@ -79,6 +92,9 @@ class DataSplits:
 class DataConfig:
     stage1: DataSplits = field(default_factory=DataSplits)
     stage2: DataSplits = field(default_factory=DataSplits)
+    # Instruction tuning: train is one dataset or a list, each a spec or {path, task, weight}
+    # (qformer.data.open_instruction_dataset); eval a VQA file (question, answers[, question_type]).
+    instruct: DataSplits = field(default_factory=DataSplits)
     # BLIP-2's random crop + flip; off makes the frozen tower's output cacheable.
     augment: bool = True
     # Cache the frozen tower's features on disk (needs augment off): the ViT runs once per image.
@@ -91,8 +107,8 @@ class DataConfig:
         if self.cache_features and self.augment:
             raise ConfigError("data.cache_features needs data.augment=false: cached features are of un-augmented images")
 
-    def split(self, stage: int) -> DataSplits:
-        return getattr(self, f"stage{stage}")
+    def split(self, stage: Stage) -> DataSplits:
+        return getattr(self, stage_key(stage))
 
     def source_options(self) -> dict[str, str]:
         """Column choices as the data pipeline's keyword arguments."""
@@ -121,9 +137,28 @@ class CaptionEval:
 
 
 @dataclass(kw_only=True)
+class InstructEval:
+    """Instruction tuning's held-out VQA (InstructBLIP's short-answer decoding: beam 5, at most
+    10 new tokens, length penalty -1)."""
+
+    num_beams: int = 5
+    max_new_tokens: int = 10
+    length_penalty: float = -1.0
+    max_images: int = 500  # questions asked, at most
+
+    def generate_options(self) -> dict[str, Any]:
+        return {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens,
+                "length_penalty": self.length_penalty}
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
     stage1: RetrievalEval = field(default_factory=RetrievalEval)
     stage2: CaptionEval = field(default_factory=CaptionEval)
+    instruct: InstructEval = field(default_factory=InstructEval)
+
+    def of(self, stage: Stage) -> RetrievalEval | CaptionEval | InstructEval:
+        return getattr(self, stage_key(stage))
 
 
 # Keys that moved, for a helpful error instead of a bare "unknown".
@@ -212,6 +247,7 @@ class AdapterCard:
     stage1: TrainConfig = field(default_factory=TrainConfig)
     stage1_objective: Stage1Config = field(default_factory=Stage1Config)
     stage2: TrainConfig = field(default_factory=TrainConfig)
+    instruct: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
     expected: dict[str, Any] = field(default_factory=dict)
@@ -223,7 +259,7 @@ class AdapterCard:
         data = copy.deepcopy(data)
         where = source or "adapter card"
         known = {"name", "description", "model", "tokenizer", "qformer_init", "arch", "data", "stage1", "stage2",
-                 "eval", "plugins", "expected"}
+                 "instruct", "eval", "plugins", "expected"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted(known)}")
@@ -244,6 +280,7 @@ class AdapterCard:
             stage1=_typed(TrainConfig, stage1, "stage1"),
             stage1_objective=_typed(Stage1Config, objective, "stage1.objective"),
             stage2=_typed(TrainConfig, data.get("stage2"), "stage2"),
+            instruct=_typed(TrainConfig, data.get("instruct"), "instruct"),
             eval=_typed(EvalConfig, data.get("eval"), "eval"),
             plugins=plugin_opts,
             expected=data.get("expected") or {},
@@ -258,12 +295,13 @@ class AdapterCard:
             "name": self.name, "description": self.description, "model": copy.deepcopy(self.model),
             "tokenizer": self.tokenizer, "qformer_init": self.qformer_init, "arch": copy.deepcopy(self.arch),
             "data": dataclasses.asdict(self.data), "stage1": stage1, "stage2": self.stage2.to_dict(),
+            "instruct": self.instruct.to_dict(),
             "eval": dataclasses.asdict(self.eval), "plugins": copy.deepcopy(self.plugins),
             "expected": copy.deepcopy(self.expected),
         }
 
-    def train_config(self, stage: int) -> TrainConfig:
-        return copy.deepcopy(getattr(self, f"stage{stage}"))
+    def train_config(self, stage: Stage) -> TrainConfig:
+        return copy.deepcopy(getattr(self, stage_key(stage)))
 
     def blip2_config(self, *, stage: int | None = None) -> Blip2Config:
         """The model config; for stage 1 the LLM is left out (stage 1 never touches it)."""
@@ -415,7 +453,10 @@ __all__ = [
     "DataConfig",
     "DataSplits",
     "EvalConfig",
+    "InstructEval",
     "RetrievalEval",
+    "STAGES",
+    "Stage",
     "adapters_dir",
     "apply_overrides",
     "check_model_section",
@@ -425,4 +466,5 @@ __all__ = [
     "placeholders",
     "resolve_resources",
     "resolve_value",
+    "stage_key",
 ]

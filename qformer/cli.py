@@ -23,7 +23,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .adapters import AdapterCard, list_adapters, load_adapter
+from .adapters import AdapterCard, Stage, list_adapters, load_adapter, stage_key
 from .errors import QFormerError
 from .stage1 import Stage1Config
 from .training import TrainConfig
@@ -89,7 +89,7 @@ def _card_for_help(argv: list[str]) -> AdapterCard | None:
         return None
 
 
-def build_parser(stage: int, description: str, *, card: AdapterCard | None = None) -> argparse.ArgumentParser:
+def build_parser(stage: Stage, description: str, *, card: AdapterCard | None = None) -> argparse.ArgumentParser:
     """The recipe's options; with ``card``, each option's help ends with the card's value."""
 
     def dflt(value: Any) -> str:
@@ -105,7 +105,7 @@ def build_parser(stage: int, description: str, *, card: AdapterCard | None = Non
                    help="adapter card name (adapters/NAME.yaml) or path: the frozen-backbone pairing and its defaults "
                         "(default: toy)")
     g.add_argument("--output-dir", type=Path, default=None,
-                   help=f"where checkpoints, logs, plots and the final model go (default: runs/ADAPTER/stage{stage})")
+                   help=f"where checkpoints, logs, plots and the final model go (default: runs/ADAPTER/{stage_key(stage)})")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any card field with a dotted key, e.g. --set model.qformer.num_layers=6 (repeatable)")
     if stage == 2:
@@ -113,18 +113,30 @@ def build_parser(stage: int, description: str, *, card: AdapterCard | None = Non
                        help="stage-1 model directory to start from (default: runs/ADAPTER/stage1/model)")
         g.add_argument("--keep-stage1-heads", action="store_true",
                        help="keep the Q-Former's text parts and ITC/ITM heads (LAVIS drops them in stage 2)")
+    if stage == "instruct":
+        g.add_argument("--init-from", type=Path, default=None,
+                       help="BLIP-2 stage-2 model directory to start from (default: runs/ADAPTER/stage2/model)")
+        g.add_argument("--stage1-from", type=Path, default=None,
+                       help="stage-1 model directory with the Q-Former's text parts, when the stage-2 model dropped "
+                            "them (default: runs/ADAPTER/stage1/model)")
     data = card.data if card is not None else None
     split = data.split(stage) if data is not None else None
     d = p.add_argument_group("data")
+    train_help = ("training data, one or more (concatenated): a hub dataset name, an imagefolder dir with "
+                  "metadata.jsonl, a .jsonl/.json/.csv of image path + caption, or webdataset shards "
+                  "('shards/{000..099}.tar')")
+    if stage == "instruct":
+        train_help = ("instruction data, one or more (mixed, each sampled in proportion to the square root of its "
+                      "size): .jsonl/.json of {image|video, instruction|question, answer|answers}, LLaVA conversation "
+                      ".json, or any caption dataset (answers to captioning instructions)")
     d.add_argument("--train-data", nargs="+", default=None, metavar="DATA",
-                   help="training data, one or more (concatenated): a hub dataset name, an imagefolder dir with "
-                        "metadata.jsonl, a .jsonl/.json/.csv of image path + caption, or webdataset shards "
-                        f"('shards/{{000..099}}.tar'){dflt(split.train) if split else ''}")
+                   help=f"{train_help}{dflt(split.train) if split else ''}")
     d.add_argument("--eval-data", nargs="+", default=None, metavar="DATA",
                    help=f"held-out data for periodic and final evaluation (same forms){dflt(split.eval) if split else ''}")
-    eval_max = (card.eval.stage1 if stage == 1 else card.eval.stage2).max_images if card is not None else None
+    eval_max = card.eval.of(stage).max_images if card is not None else None
+    what = "questions" if stage == "instruct" else "images"
     d.add_argument("--eval-size", type=int, default=None,
-                   help=f"held-out images to evaluate on (0: no evaluation){dflt(eval_max) if card else ''}")
+                   help=f"held-out {what} to evaluate on (0: no evaluation){dflt(eval_max) if card else ''}")
     d.add_argument("--caption-column", default=None,
                    help="the data's caption column (default: the first of text / caption / captions / sentences)"
                         f"{dflt(data.caption_column) if data and data.caption_column else ''}")
@@ -137,7 +149,7 @@ def build_parser(stage: int, description: str, *, card: AdapterCard | None = Non
     d.add_argument("--cache-features", type=_bool, default=None,
                    help="cache the frozen tower's features on disk (needs --augment false)"
                         f"{dflt(data.cache_features) if data else ''}")
-    t = p.add_argument_group(f"training (the card's stage{stage} section)")
+    t = p.add_argument_group(f"training (the card's {stage_key(stage)} section)")
     train = card.train_config(stage) if card is not None else None
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -165,31 +177,31 @@ def build_parser(stage: int, description: str, *, card: AdapterCard | None = Non
     return p
 
 
-def parse_recipe_args(stage: int, description: str, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_recipe_args(stage: Stage, description: str, argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     card = _card_for_help(argv) if any(a in ("-h", "--help") for a in argv) else None
     return build_parser(stage, description, card=card).parse_args(argv)
 
 
-def card_from_args(args: argparse.Namespace, stage: int) -> AdapterCard:
+def card_from_args(args: argparse.Namespace, stage: Stage) -> AdapterCard:
     """The adapter card with the command line applied, every section checked (``SCHEME://``
     resources are resolved later, once everything cheap has been checked)."""
     overrides = list(args.overrides)
     for f in fields(TrainConfig):
         if hasattr(args, f.name):
-            overrides.append(f"stage{stage}.{f.name}={json.dumps(getattr(args, f.name))}")
+            overrides.append(f"{stage_key(stage)}.{f.name}={json.dumps(getattr(args, f.name))}")
     for f in fields(Stage1Config):
         if hasattr(args, f"objective_{f.name}"):
             overrides.append(f"stage1.objective.{f.name}={json.dumps(getattr(args, f'objective_{f.name}'))}")
     for key, value in (("train", args.train_data), ("eval", args.eval_data)):
         if value is not None:  # JSON is YAML: a one-element list stays a plain spec
-            overrides.append(f"data.stage{stage}.{key}={json.dumps(value[0] if len(value) == 1 else value)}")
+            overrides.append(f"data.{stage_key(stage)}.{key}={json.dumps(value[0] if len(value) == 1 else value)}")
     for key in ("augment", "cache_features", "streaming", "caption_column", "image_column"):
         value = getattr(args, key, None)
         if value not in (None, False):
             overrides.append(f"data.{key}={json.dumps(value)}")
     if args.eval_size is not None:
-        overrides.append(f"eval.stage{stage}.max_images={args.eval_size}")
+        overrides.append(f"eval.{stage_key(stage)}.max_images={args.eval_size}")
     return load_adapter(args.adapter, overrides)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from accelerate.utils import set_seed
 
-from .adapters import AdapterCard, has_placeholder, resolve_resources
+from .adapters import AdapterCard, Stage, has_placeholder, resolve_resources, stage_key
 from .cli import card_from_args
 from .config import VisionConfig
 from .data import CaptionLoader, FeatureCache, fill_feature_cache, open_caption_dataset, open_caption_source
@@ -53,58 +53,79 @@ def check_data_spec(spec: Any, *, caption_column: str | None = None, image_colum
         WebDatasetCaptionSource(location)
 
 
-def _check_paths(card: AdapterCard, stage: int, args: argparse.Namespace) -> None:
+def check_instruction_spec(spec: Any) -> None:
+    """Each instruction dataset (a spec or ``{path, task, weight}``) exists, or a clear error."""
+    for entry in spec if isinstance(spec, (list, tuple)) else [spec]:
+        path = entry.get("path") if isinstance(entry, dict) else entry
+        if isinstance(path, (str, os.PathLike)) and not has_placeholder(path):
+            detect_spec_kind(str(path))  # a missing local path raises FileNotFoundError here
+
+
+def _check_spec(stage: Stage, spec: Any, card: AdapterCard) -> None:
+    if stage == "instruct":  # the files exist; their rows are read (and checked) when opened, before training
+        check_instruction_spec(spec)
+    else:
+        check_data_spec(spec, **card.data.source_options())
+
+
+def _check_paths(card: AdapterCard, stage: Stage, args: argparse.Namespace) -> None:
     split = card.data.split(stage)
     if split.train is None:
-        raise ConfigError(f"no training data: pass --train-data (adapter {card.name!r} has no data.stage{stage}.train)")
-    for spec in (split.train, split.eval):
+        raise ConfigError(f"no training data: pass --train-data (adapter {card.name!r} has no "
+                          f"data.{stage_key(stage)}.train)")
+    for name in ("train", "eval"):
+        spec = getattr(split, name)
         if spec is not None and not has_placeholder(spec):  # a plugin's data is checked once it exists
-            check_data_spec(spec, **card.data.source_options())
+            _check_spec(stage, spec, card)
     if args.resume not in (None, "latest"):
         if not (Path(args.resume) / "trainer_state.json").is_file():
             raise CheckpointError(f"--resume {args.resume}: not a complete checkpoint (no trainer_state.json)")
     init_from = getattr(args, "init_from", None)
-    if stage == 2:
-        init_from = init_from or default_init_from(card)
+    if stage in (2, "instruct"):
+        init_from = init_from or default_init_from(card, stage)
+        before = "stage-1" if stage == 2 else "stage-2 (BLIP-2)"
+        recipe = "recipes/stage1.py" if stage == 2 else "make demo (or recipes/stage1.py then recipes/stage2.py)"
         if not (Path(init_from) / "config.json").is_file():
-            raise CheckpointError(f"--init-from {init_from}: no stage-1 model there (run recipes/stage1.py first, "
+            raise CheckpointError(f"--init-from {init_from}: no {before} model there (run {recipe} first, "
                                   "or pass --init-from DIR)")
 
 
-def default_init_from(card: AdapterCard) -> Path:
-    return Path("runs") / card.name / "stage1" / "model"
+def default_init_from(card: AdapterCard, stage: Stage = 2) -> Path:
+    """Where a stage starts from by default: the previous stage's model of this card."""
+    return Path("runs") / card.name / ("stage1" if stage == 2 else "stage2") / "model"
 
 
-def start_recipe(args: argparse.Namespace, stage: int) -> tuple[Run, AdapterCard]:
+def start_recipe(args: argparse.Namespace, stage: Stage) -> tuple[Run, AdapterCard]:
     """Check everything cheap, then set up the run and prepare the card's resources."""
     card = card_from_args(args, stage)  # every key and value of the card and the command line
     _check_paths(card, stage, args)
     train = card.train_config(stage)
     set_seed(train.seed)  # the same initial weights on every rank and in every rerun
-    run = start_run(args.output_dir or Path("runs") / card.name / f"stage{stage}", progress=not args.no_progress,
+    run = start_run(args.output_dir or Path("runs") / card.name / stage_key(stage), progress=not args.no_progress,
                     mixed_precision=train.mixed_precision, grad_accum=train.grad_accum, log_with="tensorboard")
     provided = [name for name in ("train", "eval") if has_placeholder(getattr(card.data.split(stage), name))]
     with run.accelerator.main_process_first():  # e.g. the toy backbones: pretrained once, by one process
         card = resolve_resources(card, progress=run.progress)
     for name in provided:  # what a plugin provided, now that it exists (the rest was checked above)
-        check_data_spec(getattr(card.data.split(stage), name), **card.data.source_options())
+        _check_spec(stage, getattr(card.data.split(stage), name), card)
     if run.is_main:
         atomic_write_json(run.output_dir / "card.json", card.to_dict(), default=str)
     hparams = {f"train/{k}": v for k, v in train.to_dict().items() if isinstance(v, (int, float, str, bool))}
-    run.accelerator.init_trackers(f"stage{stage}", config={"adapter": card.name, **hparams})
+    run.accelerator.init_trackers(stage_key(stage), config={"adapter": card.name, **hparams})
     return run, card
 
 
-def finish_recipe(run: Run, card: AdapterCard, stage: int, state, model, *, task: str, include_frozen: bool) -> None:
+def finish_recipe(run: Run, card: AdapterCard, stage: Stage, state, model, *, task: str, include_frozen: bool) -> None:
     """After a run that reached its last step: the final model in ``model/`` (the frozen parts
     only when nothing else says where to load them from) and ``results.{json,md}`` with the
     last evaluation under ``task``, the steps, samples and seconds per phase."""
     if state.step == card.train_config(stage).max_steps and run.is_main:
         model.save_pretrained(run.output_dir / "model", include_frozen=include_frozen)
-        write_results({task: state.last_eval}, run.output_dir, name="results", title=f"{card.name}: stage {stage}",
+        what = "instruction tuning" if stage == "instruct" else f"stage {stage}"
+        write_results({task: state.last_eval}, run.output_dir, name="results", title=f"{card.name}: {what}",
                       extra={"adapter": card.name, "steps": state.step, "samples": state.samples_seen,
                              "seconds": run.seconds()})
-        run.print(f"\nstage {stage} done: {run.timing_summary()}; model saved to {run.output_dir / 'model'}")
+        run.print(f"\n{what} done: {run.timing_summary()}; model saved to {run.output_dir / 'model'}")
     run.accelerator.end_training()
 
 
@@ -123,7 +144,7 @@ def feature_cache_for(run: Run, tower, specs: list[Any], *, source_options: dict
     return FeatureCache.for_tower(root, tower)
 
 
-def open_training_data(run: Run, card: AdapterCard, stage: int, *, vision: VisionConfig, collate,
+def open_training_data(run: Run, card: AdapterCard, stage: Stage, *, vision: VisionConfig, collate,
                        feature_cache=None) -> CaptionLoader:
     """The training :class:`~qformer.data.CaptionLoader` of this rank."""
     data, train = card.data, card.train_config(stage)
@@ -137,7 +158,7 @@ def open_training_data(run: Run, card: AdapterCard, stage: int, *, vision: Visio
                          persistent_workers=train.num_workers > 0)
 
 
-def load_eval_set(card: AdapterCard, stage: int, *, vision: VisionConfig, max_images: int,
+def load_eval_set(card: AdapterCard, stage: Stage, *, vision: VisionConfig, max_images: int,
                   feature_cache=None) -> EvalSet | None:
     """The first ``max_images`` distinct images of ``data.stageN.eval`` with their captions,
     preprocessed with the eval transform (or read from the feature cache); None when the card
@@ -149,5 +170,5 @@ def load_eval_set(card: AdapterCard, stage: int, *, vision: VisionConfig, max_im
                          seed=card.train_config(stage).seed, caption_column=card.data.caption_column)
 
 
-__all__ = ["check_data_spec", "default_init_from", "feature_cache_for", "finish_recipe", "load_eval_set", "open_training_data",
+__all__ = ["check_data_spec", "check_instruction_spec", "default_init_from", "feature_cache_for", "finish_recipe", "load_eval_set", "open_training_data",
            "start_recipe"]

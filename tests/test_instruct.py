@@ -261,3 +261,35 @@ def test_bad_video_inputs_fail_clearly(tmp_path, pair):
         ours.generate(videos=tmp_path / "bad.mp4", prompt="a")
     with pytest.raises(ValueError, match="exactly one of"):
         ours.generate(pixels(1), videos=pixels(1, frames=2), prompt="a")
+
+
+def test_lavis_instruct_pth_loads(pair, tmp_path):
+    """LAVIS's Blip2VicunaInstruct / Blip2T5Instruct layout (llm_proj / t5_proj, Q-Former with
+    text input and no cls head; frozen ViT not in the file): written from a transformers model
+    by the documented conversion (``ours_to_lavis(..., projection=...)``), loaded back with a
+    config, same outputs."""
+    from qformer import Blip2Config
+    from qformer.persistence import ours_to_lavis
+    from qformer.persistence.common import clean_llm_state_dict
+
+    kind, video, hf, ours, tok, qtok, token_id, d = pair
+    if video:
+        pytest.skip("LAVIS has no InstructBlipVideo layout")
+    proj, llm_prefix = ("t5_proj", "t5_model.") if kind == "t5" else ("llm_proj", "llm_model.")
+    body = {k: v for k, v in ours.state_dict().items() if not k.startswith(("llm.", "vision.model."))}
+    sd = ours_to_lavis(body, vision_prefix="vision.model.", projection=proj)
+    assert not any(k.startswith("Qformer.cls.") for k in sd) and "Qformer.bert.embeddings.word_embeddings.weight" in sd
+    sd.update({llm_prefix + k: v for k, v in clean_llm_state_dict(ours).items()})
+    torch.save({"model": sd}, tmp_path / "instruct.pth")
+    hf.vision_model.save_pretrained(str(tmp_path / "vit"))
+    cfg = Blip2Config.from_dict(ours.config.to_dict())
+    cfg.vision.pretrained = str(tmp_path / "vit")
+    loaded, report = Blip2.from_pretrained(tmp_path / "instruct.pth", config=cfg, tokenizer=d / "qformer_tokenizer",
+                                           llm_tokenizer=d, llm_dtype="float32", return_report=True)
+    assert report.ok, str(report)
+    batch = _collate(ours, kind)(ANSWERS, prompts=INSTRUCTIONS)
+    px = pixels(seed=9)
+    with torch.no_grad():
+        a = Stage2Objective(ours)(pixel_values=px, **batch).loss
+        b = Stage2Objective(loaded.eval())(pixel_values=px, **batch).loss
+    assert abs(a - b) < 1e-6

@@ -53,9 +53,10 @@ class CollatedSamples:
     captions: list[str]
     image_ids: torch.Tensor  # (B,) int64, see stable_image_id
     keys: list[str]
-    pixel_values: torch.Tensor | None  # (B, 3, S, S) float32
+    pixel_values: torch.Tensor | None  # (B, 3, S, S) float32; video clips (B, T, 3, S, S)
     vision_features: torch.Tensor | None  # (B, N, C) float32
     report: DataReport
+    prompts: list[str | None] | None = None  # per-sample instructions (instruction tuning), else None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -97,6 +98,10 @@ def collate_samples(items: Sequence[Sample | Skipped]) -> CollatedSamples:
     has_feats = [s.vision_features is not None for s in good]
     if any(has_feats) and not all(has_feats):
         raise ValueError("a batch mixes samples with vision_features and samples with pixel_values")
+    if not has_feats[0] and len({tuple(s.pixel_values.shape) for s in good}) > 1:
+        shapes = sorted({tuple(s.pixel_values.shape) for s in good})
+        raise ValueError(f"a batch mixes samples of different shapes {shapes} (images with video clips, or clips "
+                         "of different lengths): keep one kind per dataset and sample every clip to num_frames")
     pixel_values = None if has_feats[0] else torch.stack([s.pixel_values for s in good]).to(torch.float32)  # (B, 3, S, S)
     vision_features = torch.stack([s.vision_features for s in good]).to(torch.float32) if has_feats[0] else None  # (B, N, C)
     return CollatedSamples(
@@ -106,6 +111,7 @@ def collate_samples(items: Sequence[Sample | Skipped]) -> CollatedSamples:
         pixel_values=pixel_values,
         vision_features=vision_features,
         report=report,
+        prompts=[s.prompt for s in good] if any(s.prompt is not None for s in good) else None,
     )
 
 
@@ -158,9 +164,11 @@ class Stage2Collator:
         if len(collated) == 0:
             return {DATA_STATS_KEY: collated.report}
         seeds = [sample_seed(self.seed, 0, key) for key in collated.keys]  # prefix-LM split per sample
+        text = self.text(collated.captions, seeds=seeds, prompts=collated.prompts) if collated.prompts is not None \
+            else self.text(collated.captions, seeds=seeds)
         return {
             **collated.image_inputs(),
-            **self.text(collated.captions, seeds=seeds),
+            **text,
             "image_ids": collated.image_ids,
             DATA_STATS_KEY: collated.report,
         }

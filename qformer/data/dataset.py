@@ -17,8 +17,10 @@ Augmentation is seeded per sample from ``(seed, epoch, sample key)`` (see
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ from .cache import FeatureCache
 from .report import DataReport, NoUsableDataError
 from .samples import Sample, SampleProcessor, Skipped
 from .sources import CaptionSource, open_caption_source
+from .sources.instruct import TASKS, InstructionMixture, InstructionSource
 from .transforms import CaptionCleaner, ImageTransform, build_image_transform, sample_generator
 
 __all__ = ["CaptionDataset", "IterableCaptionDataset", "open_caption_dataset"]
@@ -248,3 +251,88 @@ def open_caption_dataset(
     return IterableCaptionDataset(source, processor=processor, seed=seed, shuffle_buffer=shuffle_buffer, rank=rank,
                                   world_size=world_size)
 
+
+
+def _instruction_part(entry: Any, *, streaming: bool, image_root: Any = None, **source_options: Any) -> tuple[InstructionSource, float | None]:
+    """One dataset of an instruction mixture: ``entry`` is a spec (a path: an instruction / LLaVA /
+    VQA file is recognised by its fields, anything else is a caption dataset) or a dict
+    ``{"path": spec, "task": auto|instruction|vqa|caption, "weight": w}``."""
+    if isinstance(entry, dict):
+        entry = dict(entry)
+        spec, task, weight = entry.pop("path", entry.pop("spec", None)), entry.pop("task", "auto"), entry.pop("weight", None)
+        if spec is None:
+            raise ConfigError(f"instruction dataset {entry}: no 'path'")
+        if entry:
+            raise ConfigError(f"instruction dataset {spec}: unknown field(s) {sorted(entry)}; known: path, task, weight")
+    else:
+        spec, task, weight = entry, "auto", None
+    if task not in TASKS:
+        raise ConfigError(f"instruction dataset {spec}: task must be one of {list(TASKS)}, got {task!r}")
+    is_file = isinstance(spec, (str, Path)) and Path(str(spec)).suffix.lower() in (".jsonl", ".json")
+    if task == "auto" and is_file:
+        first = _first_row(Path(str(spec)))
+        looks_instructed = any(f in first for f in ("conversations", "instruction", "question", "prompt"))
+        task = "auto" if looks_instructed else "caption"
+    if task == "caption" or not is_file:
+        source = open_caption_source(spec, streaming=streaming, **source_options)
+        return InstructionSource.from_captions(source), weight
+    return InstructionSource.from_file(spec, task=task, image_root=image_root), weight
+
+
+def _first_row(path: Path) -> dict:
+    """The first object of a JSONL / JSON-list file ({} if none), to tell its format."""
+    if not path.is_file():
+        raise FileNotFoundError(2, "instruction file not found", str(path))
+    if path.suffix.lower() == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    return row
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}  # reported, with the file's name, by the reader
+    if isinstance(data, dict):
+        data = next((v for v in data.values() if isinstance(v, list)), [])
+    return next((r for r in data if isinstance(r, dict)), {}) if isinstance(data, list) else {}
+
+
+def open_instruction_dataset(
+    specs: Any,
+    *,
+    vision: VisionConfig,
+    train: bool = True,
+    feature_cache: FeatureCache | None = None,
+    num_frames: int = 4,
+    weights: list[float] | None = None,
+    seed: int = 0,
+    max_words: int = 256,
+    min_image_size: int = 8,
+    **source_options: Any,
+) -> CaptionDataset:
+    """The instruction-tuning dataset: one or more datasets (see :mod:`qformer.data.sources.instruct`)
+    mixed with probability proportional to the square root of their sizes (InstructBLIP), or to
+    the ``weight`` of each entry / ``weights``. Answers are cleaned as captions (lowercase, no
+    punctuation) up to ``max_words``; instructions are kept verbatim. Video records are sampled
+    to ``num_frames`` frames (and never read from the feature cache)."""
+    entries = list(specs) if isinstance(specs, (list, tuple)) else [specs]
+    parts = [_instruction_part(e, streaming=False, **source_options) for e in entries]
+    given = [w for _, w in parts]
+    if weights is None and any(w is not None for w in given):
+        if not all(w is not None for w in given):
+            raise ConfigError("give a weight to every instruction dataset or to none (default: sqrt of the sizes)")
+        weights = [float(w) for w in given]
+    source = InstructionMixture([p for p, _ in parts], weights=weights, seed=seed)
+    if feature_cache is not None and train:
+        raise ConfigError("the feature cache holds un-augmented features: open instruction data with train=False")
+    processor = SampleProcessor(
+        transform=None if feature_cache is not None else build_image_transform(vision, train=train),
+        captions=CaptionCleaner(max_words=max_words), min_image_size=min_image_size, feature_cache=feature_cache,
+        num_frames=num_frames,
+    )
+    return CaptionDataset(source, processor=processor, seed=seed)

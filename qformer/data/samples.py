@@ -20,12 +20,14 @@ many epochs read it (see :mod:`qformer.data.report`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Union
 
 import torch
 from PIL import Image
 
 from ..errors import ConfigError, ImageLoadError
+from ..video import clip_frames
 from .cache import FeatureCache
 from .reading import SkipSample, decode_or_skip, image_content_key, read_image, read_image_bytes
 from .report import CONVERTED, USABLE, DataReport
@@ -63,6 +65,7 @@ class Sample:
     report: DataReport | None = None
     mode: str = "RGB"
     index: int | None = None
+    prompt: str | None = None  # the instruction (instruction tuning); None: the card's prompt
 
 
 @dataclass(kw_only=True)
@@ -103,6 +106,8 @@ class SampleProcessor:
         feature_cache: read ``vision_features`` from this cache instead of decoding pixels. It holds
             features of un-augmented images, so a random ``transform`` is refused.
         require_caption: False for pipelines that only need images (filling the feature cache).
+        num_frames: frames sampled from a video record (a video file or frame folder); its
+            ``pixel_values`` are then (T, 3, S, S).
     """
 
     transform: ImageTransform | None = None
@@ -110,6 +115,7 @@ class SampleProcessor:
     min_image_size: int = 8
     feature_cache: FeatureCache | None = None
     require_caption: bool = True
+    num_frames: int = 4
 
     def __post_init__(self) -> None:
         if self.feature_cache is not None and self.transform is not None and getattr(self.transform, "is_random", True):
@@ -147,6 +153,29 @@ class SampleProcessor:
         self._check_size(img.size, record.where)
         return img
 
+    def video_of(self, record: CaptionRecord, generator: torch.Generator | None) -> torch.Tensor:
+        """A video record's sampled frames, each decoded, checked and transformed: (T, 3, S, S).
+        One seed per clip, so every frame gets the same augmentation."""
+        if self.feature_cache is not None:
+            raise SkipSample("unsupported_image", record.where, "video records are not read from the feature cache")
+        if not isinstance(record.image, (str, Path)):
+            raise SkipSample("missing_image" if record.image is None else "bad_record", record.where,
+                             "a video record needs a path (a video file or a frame folder)")
+        try:
+            frames = clip_frames(record.image, self.num_frames)
+        except FileNotFoundError as exc:
+            raise SkipSample("missing_image", record.where, str(exc)) from exc
+        except (ImageLoadError, ConfigError, OSError, ValueError) as exc:
+            raise SkipSample("unreadable_image", record.where, str(exc)) from exc
+        seed = None if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator))
+        out = []
+        for frame in frames:
+            img = frame if isinstance(frame, Image.Image) else read_image(frame, where=f"{record.where} ({frame})")
+            self._check_size(img.size, record.where)
+            g = None if seed is None else torch.Generator().manual_seed(seed)
+            out.append(self.transform(img, generator=g))  # type: ignore[misc]
+        return torch.stack(out)  # (T, 3, S, S)
+
     def _cached_features(self, record: CaptionRecord) -> tuple[torch.Tensor, str]:
         assert self.feature_cache is not None
         data = read_image_bytes(record.image, where=record.where)
@@ -169,7 +198,9 @@ class SampleProcessor:
         try:
             caption = self.caption_of(record)
             features = pixels = None
-            if self.feature_cache is not None:
+            if record.video:
+                pixels, mode = self.video_of(record, generator), "RGB"
+            elif self.feature_cache is not None:
                 features, mode = self._cached_features(record)
             else:
                 img = self.image_of(record)
@@ -181,7 +212,7 @@ class SampleProcessor:
         except SkipSample as skip:
             return _skipped(skip.reason, skip.where)
         return Sample(caption=caption, image_id=record.image_id, key=record.key, source=record.source,
-                      pixel_values=pixels, vision_features=features, mode=mode,
+                      pixel_values=pixels, vision_features=features, mode=mode, prompt=record.prompt,
                       report=converted_report(mode) if mode != "RGB" else None)
 
     def validate(self, record: CaptionRecord | BadRecord) -> DataReport:

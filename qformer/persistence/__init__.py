@@ -28,8 +28,9 @@ from .eva import (
     lavis_eva_vision_config,
 )
 from .export import IMAGE_TOKEN, export_transformers
+from .instructblip import QFORMER_TOKENIZER_DIR, instructblip_to_ours, ours_to_instructblip
 from .hf import blip2_config_from_hf, build_llm_from_state_dict
-from .init import init_from_stage1, init_qformer_from_bert
+from .init import init_from_stage1, init_qformer_from_bert, instruction_aware_from
 from .keymaps import Converted, bert_to_qformer, hf_retrieval_to_ours, lavis_to_ours, ours_to_hf_retrieval, ours_to_lavis
 from .load import load_blip2
 from .ours import save_blip2
@@ -42,6 +43,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "IMAGE_TOKEN",
+    "QFORMER_TOKENIZER_DIR",
     "LAVIS_EVA_TIMM_NAME",
     "LoadOptions",
     "LoadReport",
@@ -58,13 +60,16 @@ __all__ = [
     "export_transformers",
     "hf_retrieval_to_ours",
     "init_from_stage1",
+    "instructblip_to_ours",
     "init_qformer_from_bert",
+    "instruction_aware_from",
     "lavis_eva_timm_kwargs",
     "lavis_eva_vision_config",
     "lavis_to_ours",
     "load_blip2",
     "load_into",
     "ours_to_hf_retrieval",
+    "ours_to_instructblip",
     "ours_to_lavis",
     "read_hf_weights",
     "read_state_dict",

@@ -1,13 +1,18 @@
 """Where a training stage starts from: BERT for the stage-1 Q-Former (as BLIP-2 does from
-bert-base-uncased), a stage-1 model of ours for stage 2."""
+bert-base-uncased), a stage-1 model of ours for stage 2, a stage-2 model (+ its stage-1 text
+parts) for instruction tuning."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import torch
+
+from ..config import Blip2Config
 from ..errors import CheckpointError
-from ..model import Blip2Model, is_stage1_only
+from ..model import Blip2Model, is_stage1_only, is_text_input
+from ..tokenizer import load_qformer_tokenizer
 from ..weights import read_hf_weights, read_state_dict
 from .common import CONFIG_NAME, VISION_PREFIX, WEIGHTS_NAME, frozen_llm_keys, read_json
 from .keymaps import Converted, bert_to_qformer
@@ -44,6 +49,60 @@ def init_from_stage1(model: Blip2Model, directory: str | os.PathLike, *, strict:
     return load_into(model, conv, source=str(directory), strict=strict, fresh_ok=fresh, elsewhere=elsewhere)
 
 
+def instruction_aware_from(
+    cls: type[Blip2Model],
+    stage2: Blip2Model,
+    *,
+    stage1: str | os.PathLike | None = None,
+    tokenizer=None,
+    strict: bool = True,
+) -> tuple[Blip2Model, LoadReport]:
+    """An instruction-aware (InstructBLIP) model started from a BLIP-2 stage-2 model, as
+    InstructBLIP starts from BLIP-2: the same tower, LLM (shared, not copied), ``ln_vision``,
+    queries, Q-Former query path and projection; the Q-Former's text-input parts (word/position
+    embeddings, text FFNs) from ``stage2`` when it kept them, else from the ``stage1`` model
+    directory it was trained from (LAVIS's stage-2 models drop them: LAVIS #344). ``tokenizer``:
+    the Q-Former tokenizer (default: ``stage2``'s, else the one saved with ``stage1``)."""
+    if stage2.config.llm is None:
+        raise CheckpointError("an instruction-aware model starts from a stage-2 model (one with an LLM)")
+    config = Blip2Config.from_dict(stage2.config.to_dict())
+    config.qformer.text_input, config.qformer.lm_head = True, False
+    config.stage1_heads, config.instruction_aware = False, True
+    if config.llm.text_mode == "prefix_lm":
+        config.llm.text_mode = "prompt"  # instruction -> answer, not BLIP-2's prefix-LM split
+    own_sd = {k: v for k, v in stage2.state_dict().items() if not k.startswith("llm.")}
+    text_sd: dict[str, torch.Tensor] = {}
+    source = "the stage-2 model"
+    if not any(is_text_input(k) for k in own_sd):
+        if stage1 is None:
+            raise CheckpointError("the stage-2 model has no Q-Former text parts (LAVIS-style stage 2): "
+                                  "pass the stage-1 model directory they come from")
+        stage1 = Path(stage1)
+        if not (stage1 / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{stage1}: no {WEIGHTS_NAME} (the stage-1 model for the Q-Former's text parts)")
+        text_sd = {k: v for k, v in read_state_dict(stage1 / WEIGHTS_NAME).items() if is_text_input(k)}
+        source = str(stage1)
+        if tokenizer is None and stage2.tokenizer is None:
+            tokenizer = load_qformer_tokenizer(stage1)
+    tokenizer = tokenizer if tokenizer is not None else stage2.tokenizer
+    if tokenizer is None:
+        raise CheckpointError("no Q-Former tokenizer for the instruction: pass tokenizer=")
+    model = cls(config, tokenizer=tokenizer, llm_tokenizer=stage2.llm_tokenizer, llm=stage2.llm)
+    conv = Converted(state_dict={})
+    own = model.state_dict()
+    for key, value in {**own_sd, **text_sd}.items():
+        if key in own:
+            conv.state_dict[key] = value
+        elif is_stage1_only(key):
+            conv.dropped[key] = "stage-1 only, not in an instruction-aware model"
+        else:
+            conv.unrecognised.append(key)
+    elsewhere = {k: "the stage-2 model's frozen LLM (shared)" for k in frozen_llm_keys(model)}
+    report = load_into(model, conv, source=f"the stage-2 model + text parts from {source}", strict=strict,
+                       elsewhere=elsewhere)
+    return model, report
+
+
 def init_qformer_from_bert(model: Blip2Model, path: str | os.PathLike, *, strict: bool = True) -> LoadReport:
     """Initialise the Q-Former from a transformers BERT checkpoint directory (as BLIP-2 does
     from bert-base-uncased): embeddings, self-attention, text FFN and LM head are copied;
@@ -68,4 +127,4 @@ def init_qformer_from_bert(model: Blip2Model, path: str | os.PathLike, *, strict
     return load_into(med, conv, source=str(directory), strict=strict, fresh_ok=fresh)
 
 
-__all__ = ["init_from_stage1", "init_qformer_from_bert"]
+__all__ = ["init_from_stage1", "init_qformer_from_bert", "instruction_aware_from"]

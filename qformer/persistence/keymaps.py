@@ -133,10 +133,18 @@ def lavis_to_ours(sd: dict[str, torch.Tensor], *, vision_prefix: str | None = "v
     return out
 
 
-def ours_to_lavis(sd: dict[str, torch.Tensor], *, vision_prefix: str = "vision.") -> dict[str, torch.Tensor]:
-    """Ours -> LAVIS ``Blip2Qformer`` names (for LAVIS users and the oracle tests)."""
+def ours_to_lavis(
+    sd: dict[str, torch.Tensor], *, vision_prefix: str = "vision.", projection: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Ours -> LAVIS names (for LAVIS users and the oracle tests): ``Blip2Qformer``; with
+    ``projection`` ("opt_proj", "t5_proj", "llm_proj") ``language_projection`` gets the name of
+    LAVIS's ``Blip2OPT`` / ``Blip2T5`` / ``Blip2VicunaInstruct`` and ``Blip2T5Instruct``
+    (the instruct models keep the Q-Former's text-input parts and have no ``Qformer.cls``)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
+        if projection is not None and key.startswith("language_projection."):
+            out[projection + "." + key[len("language_projection."):]] = value
+            continue
         if key.startswith("qformer.embeddings."):
             out["Qformer.bert.embeddings." + key[len("qformer.embeddings.") :].replace("layer_norm.", "LayerNorm.")] = value
         elif key.startswith("qformer.layers."):
@@ -151,7 +159,7 @@ def ours_to_lavis(sd: dict[str, torch.Tensor], *, vision_prefix: str = "vision."
             out["visual_encoder." + key[len(vision_prefix) :]] = value
         else:
             out[key] = value
-    if "qformer.embeddings.word_embeddings.weight" in sd:
+    if "qformer.embeddings.word_embeddings.weight" in sd and "qformer.lm_head.bias" in sd:
         out["Qformer.cls.predictions.decoder.weight"] = sd["qformer.embeddings.word_embeddings.weight"]
     return out
 

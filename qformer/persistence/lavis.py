@@ -1,6 +1,8 @@
-"""LAVIS ``.pth`` checkpoints: ``Blip2Qformer`` (stage 1, ``blip2_pretrained.pth``) and
-``Blip2OPT`` / ``Blip2T5`` (stage 2). A ``.pth`` carries no architecture: a
-:class:`~qformer.config.Blip2Config` gives the shapes.
+"""LAVIS ``.pth`` checkpoints: ``Blip2Qformer`` (stage 1, ``blip2_pretrained.pth``),
+``Blip2OPT`` / ``Blip2T5`` (stage 2) and InstructBLIP's ``Blip2VicunaInstruct`` /
+``Blip2T5Instruct`` (``llm_proj`` / ``t5_proj``, a Q-Former with text input and no LM head: give
+a config with ``instruction_aware=True`` and ``qformer.lm_head=False``). A ``.pth`` carries no
+architecture: a :class:`~qformer.config.Blip2Config` gives the shapes.
 
 LAVIS saves only trainable tensors, so its files normally lack the frozen ViT and LLM: they
 then come from ``config.vision.pretrained`` and ``config.llm.path``. When the file does hold
@@ -33,8 +35,9 @@ from .report import LoadReport, load_into
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import Blip2Model
 
-LAVIS_LLM_PREFIXES = ("opt_model.", "t5_model.")
-LAVIS_PROJECTIONS = ("opt_proj.", "t5_proj.")
+# Blip2OPT, Blip2T5 / Blip2T5Instruct, Blip2VicunaInstruct.
+LAVIS_LLM_PREFIXES = ("opt_model.", "t5_model.", "llm_model.")
+LAVIS_PROJECTIONS = ("opt_proj.", "t5_proj.", "llm_proj.")
 
 
 def lavis_vision_weights(sd: dict[str, torch.Tensor], config: Blip2Config) -> dict[str, torch.Tensor]:
@@ -72,7 +75,7 @@ def load_lavis(cls, path: Path, config: Blip2Config, opts: LoadOptions) -> tuple
     # (else the tower would stay random, so its keys are reported as missing)
     llm_sd = {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith(LAVIS_LLM_PREFIXES)}
     if config.llm is not None:
-        source = f"{path} (opt_model / t5_model)" if llm_sd else f"{config.llm.path}"
+        source = f"{path} ({'/'.join(p.rstrip('.') for p in LAVIS_LLM_PREFIXES)})" if llm_sd else f"{config.llm.path}"
         if llm_sd:
             load_llm_weights(model, llm_sd, source=source)
         elsewhere.update({k: f"frozen LLM from {source}" for k in frozen_llm_keys(model)})

@@ -63,6 +63,10 @@ class CaptionRecord:
     image_id: int | str
     source: str
     key: str
+    # Instruction tuning: the instruction this caption (answer) responds to; None: the card's prompt.
+    prompt: str | None = None
+    # ``image`` is a video file or a frame folder (sampled to the model's num_frames).
+    video: bool = False
 
     @property
     def where(self) -> str:

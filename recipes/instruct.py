@@ -1,0 +1,119 @@
+"""Instruction tuning (InstructBLIP): the Q-Former reads the instruction beside the queries, the
+frozen LLM answers after the soft prompts and the instruction; trained on a mixture of tasks.
+
+    python recipes/instruct.py                          # the toy world, from runs/toy/stage2/model (make demo first)
+    accelerate launch recipes/instruct.py --adapter eva-vit-g_opt-2.7b --init-from runs/s2/model \\
+        --train-data vqa.jsonl llava_instruct.json coco_captions.jsonl --eval-data vqa_val.jsonl
+
+Starts from a BLIP-2 stage-2 model (--init-from, default runs/ADAPTER/stage2/model) as
+InstructBLIP starts from BLIP-2; the Q-Former's text parts, which LAVIS-style stage-2 models
+drop, come from the stage-1 model (--stage1-from, default runs/ADAPTER/stage1/model). Data:
+instruction rows {image|video, instruction|question, answer|answers}, LLaVA conversations, VQA
+files (InstructBLIP's VQA templates) and caption datasets (its captioning templates), mixed in
+proportion to the square root of their sizes. Prints held-out VQA accuracy per question type:
+the instruction-tuned model, the BLIP-2 model it started from (zero-shot) and an image-blind
+baseline. Writes card.json, checkpoints/, model/, metrics.jsonl, loss_curve.png, results.json,
+results.md, answers.jsonl, data_report.json and TensorBoard logs (tb/) to --output-dir (default
+runs/ADAPTER/instruct).
+"""
+
+from __future__ import annotations
+
+import json
+
+from qformer import Blip2, Stage2Objective, Stage2TextCollator
+from qformer.cli import parse_recipe_args, run_main
+from qformer.data import CaptionLoader, Stage2Collator, open_instruction_dataset
+from qformer.eval.instruct import INSTRUCT_VQA_TEMPLATE, comparison_table, image_blind_baseline
+from qformer.eval.tasks import evaluate_vqa, load_vqa_questions
+from qformer.eval.vqa import VQADecodeSettings
+from qformer.io import atomic_write_text
+from qformer.llm import is_encoder_decoder
+from qformer.loop import fit
+from qformer.persistence import instruction_aware_from
+from qformer.recipe import default_init_from, feature_cache_for, finish_recipe, start_recipe
+
+
+def main() -> None:
+    # ---------------------------------------------------------------- config
+    args = parse_recipe_args("instruct", __doc__)
+    run, card = start_recipe(args, stage="instruct")
+    train, evaluation, data = card.train_config("instruct"), card.eval.instruct, card.data.instruct
+    init_from = args.init_from or default_init_from(card, "instruct")
+    stage1_from = args.stage1_from or default_init_from(card, 2)
+    run.print(f"instruction tuning | adapter {card.name} | from {init_from} | output {run.output_dir}")
+
+    # ---------------------------------------------------------------- model
+    # InstructBLIP starts from BLIP-2: same tower, LLM, queries, Q-Former and projection; the
+    # Q-Former now also reads the instruction, with the text parts stage 1 trained.
+    blip2 = Blip2.from_pretrained(init_from)
+    model, report = instruction_aware_from(Blip2, blip2, stage1=stage1_from if stage1_from.is_dir() else None)
+    run.print(report)
+    model.set_stage(2)  # the query path, the instruction's text parts and the projection train
+    model.qformer.set_gradient_checkpointing(train.gradient_checkpointing)
+    run.print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M")
+
+    # ---------------------------------------------------------------- data
+    cache_wanted = card.data.cache_features
+    dataset = open_instruction_dataset(data.train, vision=model.config.vision, train=card.data.augment and not cache_wanted,
+                                       num_frames=model.config.num_frames, seed=train.seed,
+                                       **card.data.source_options())
+    run.print(f"instruction data: {dataset.source.name}, {len(dataset)} draws per epoch")
+    if cache_wanted:  # the frozen tower runs once per distinct image
+        cache = feature_cache_for(run, model.vision, [dataset.source])
+        dataset = open_instruction_dataset(data.train, vision=model.config.vision, train=False, feature_cache=cache,
+                                           num_frames=model.config.num_frames, seed=train.seed,
+                                           **card.data.source_options())
+    # Answers are tokenised for the LLM, instructions for the LLM and the Q-Former, in the collator.
+    text = Stage2TextCollator(model.llm_tokenizer, model.config.llm, encoder_decoder=is_encoder_decoder(model.llm),
+                              qformer_tokenizer=model.tokenizer, qformer_max_length=model.config.instruction_max_len)
+    loader = CaptionLoader(dataset, Stage2Collator(text, seed=train.seed), batch_size=train.batch_size,
+                           num_workers=train.num_workers, seed=train.seed, rank=run.rank, world_size=run.world_size,
+                           drop_last=True, persistent_workers=train.num_workers > 0)
+    questions = None
+    if data.eval is not None and evaluation.max_images:
+        questions = load_vqa_questions(data.eval, max_questions=evaluation.max_images)
+    decode = VQADecodeSettings(**evaluation.generate_options())
+
+    # ---------------------------------------------------------------- evaluation
+    def answer_all(m: Blip2, template: str):
+        return evaluate_vqa(m, questions, rank=run.rank, world_size=run.world_size, decode=decode,
+                            template=template, progress=run.progress)
+
+    before = None
+    if questions is not None and not args.resume:  # the BLIP-2 model it starts from, zero-shot, BLIP-2's prompt
+        with run.phase("eval"):
+            before = answer_all(blip2.eval(), None)
+        run.print(f"BLIP-2 zero-shot on {len(questions)} held-out questions: exact match "
+                  f"{before.metrics['exact_match']:.1f}%")
+    del blip2  # its LLM lives on in the instruction-aware model
+
+    def evaluate(step: int) -> dict[str, float]:
+        result = answer_all(model, INSTRUCT_VQA_TEMPLATE)
+        run.print(f"\nstep {step}: held-out VQA exact match {result.metrics['exact_match']:.1f}%\n"
+                  + result.sample_lines(6))
+        if run.is_main:
+            write_rows(result)
+        return dict(result.metrics)
+
+    def write_rows(result) -> None:
+        atomic_write_text(run.output_dir / "answers.jsonl", "".join(json.dumps(r) + "\n" for r in result.rows()))
+
+    # ---------------------------------------------------------------- train
+    state = fit(run, train, model=model, objective=Stage2Objective(model), loader=loader,
+                evaluate=evaluate if questions is not None else None, resume=args.resume,
+                stop_after=args.stop_after, title=f"{card.name}: instruction tuning")
+
+    # ---------------------------------------------------------------- save and report
+    if questions is not None and state.last_eval and run.is_main:
+        table = comparison_table(questions, tuned=state.last_eval, zero_shot=before.metrics if before else None,
+                                 blind=image_blind_baseline(questions))
+        run.print("\nheld-out VQA exact match (%), per question type\n" + table.markdown())
+        state.last_eval.update(table.flat())
+    cfg = model.config
+    finish_recipe(run, card, "instruct", state, model, task="vqa",
+                  include_frozen=not (cfg.vision.pretrained and cfg.llm.path))
+
+
+if __name__ == "__main__":
+    run_main(main)
