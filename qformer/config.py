@@ -243,6 +243,12 @@ class Blip2Config:
         if self.num_frames < 1:
             raise ConfigError(f"num_frames must be >= 1, got {self.num_frames}")
 
+    @property
+    def instruction_tokens(self) -> int:
+        """The instruction's Q-Former token budget: ``instruction_max_len``, within the
+        Q-Former's position embeddings."""
+        return min(self.instruction_max_len, self.qformer.max_position_embeddings)
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["vision"] = self.vision.to_dict()

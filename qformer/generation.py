@@ -54,7 +54,7 @@ def instruction_inputs(model: Blip2Model, prompts: Sequence[str]) -> dict[str, t
         return {}
     if model.tokenizer is None:
         raise ConfigError("this instruction-aware model has no Q-Former tokenizer to read the instruction with")
-    toks = instruction_tokens(model.tokenizer, list(prompts), max_length=model.config.instruction_max_len)
+    toks = instruction_tokens(model.tokenizer, list(prompts), max_length=model.config.instruction_tokens)
     return {k: v.to(model.device) for k, v in toks.items()}
 
 

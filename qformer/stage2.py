@@ -97,6 +97,31 @@ class Stage2TextCollator:
             texts, padding="longest", truncation=True, max_length=self.config.max_txt_len, return_tensors="pt"
         )
 
+    def _instruction_rows(self, prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
+        """Causal rows for per-row instructions: ``prompt answer eot`` tokenised as one text (so
+        the tokens are those generation continues from), then fitted to ``max_txt_len`` by
+        cutting the instruction from the left (keeping the tokenizer's leading special token,
+        as LAVIS truncates InstructBLIP's input) and only then the answer from the right: every
+        row keeps a target."""
+        tok, limit = self.tokenizer, self.config.max_txt_len
+        lead = len(tok("").input_ids)  # BOS (OPT, LLaMA) or nothing (GPT-2, Qwen)
+        rows, label_rows = [], []
+        for prompt, answer in zip(prompts, answers):
+            ids = tok(_join(prompt, answer) + self.eot).input_ids
+            n_prompt = self._prompt_length(prompt) if prompt else lead
+            head, body, tail = ids[:lead], ids[lead:n_prompt], ids[n_prompt:]
+            tail = tail[: max(1, limit - lead)]
+            keep = max(0, limit - lead - len(tail))  # the instruction's last `keep` tokens
+            body = body[max(0, len(body) - keep):]
+            rows.append(head + body + tail)
+            label_rows.append([-100] * (len(head) + len(body)) + tail)
+        longest = max(len(r) for r in rows)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows])
+        labels = torch.tensor([r + [-100] * (longest - len(r)) for r in label_rows])
+        return dict(input_ids=input_ids, attention_mask=mask, labels=labels)
+
     def _prompt_length(self, prompt: str) -> int:
         """The prompt's length in tokens, BOS included (as LAVIS counts it)."""
         return len(self.tokenizer(prompt).input_ids) if prompt else 0
@@ -123,6 +148,8 @@ class Stage2TextCollator:
                 raise ValueError(f"{len(prompts)} prompts for {len(captions)} captions")
             row_prompts = [self.config.prompt if p is None else p for p in prompts]
         extra = self.qformer_tokens(row_prompts) if self.qformer_tokenizer is not None else {}
+        if not self.encoder_decoder and prompts is not None:
+            return {**self._instruction_rows(row_prompts, captions), **extra}
         if not self.encoder_decoder:
             old = self.tokenizer.padding_side
             self.tokenizer.padding_side = "right"
@@ -140,7 +167,12 @@ class Stage2TextCollator:
             pairs = [split_prefix_lm(c, g) for c, g in zip(captions, gens)]
         else:
             pairs = list(zip(row_prompts, captions))
-        enc = self._tok([p for p, _ in pairs])
+        old_side = self.tokenizer.truncation_side
+        self.tokenizer.truncation_side = "left" if prompts is not None else old_side  # an instruction keeps its end
+        try:
+            enc = self._tok([p for p, _ in pairs])
+        finally:
+            self.tokenizer.truncation_side = old_side
         dec = self._tok([t for _, t in pairs])
         labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
         return dict(

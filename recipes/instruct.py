@@ -66,7 +66,7 @@ def main() -> None:
                                            **card.data.source_options())
     # Answers are tokenised for the LLM, instructions for the LLM and the Q-Former, in the collator.
     text = Stage2TextCollator(model.llm_tokenizer, model.config.llm, encoder_decoder=is_encoder_decoder(model.llm),
-                              qformer_tokenizer=model.tokenizer, qformer_max_length=model.config.instruction_max_len)
+                              qformer_tokenizer=model.tokenizer, qformer_max_length=model.config.instruction_tokens)
     loader = CaptionLoader(dataset, Stage2Collator(text, seed=train.seed), batch_size=train.batch_size,
                            num_workers=train.num_workers, seed=train.seed, rank=run.rank, world_size=run.world_size,
                            drop_last=True, persistent_workers=train.num_workers > 0)

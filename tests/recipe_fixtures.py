@@ -43,6 +43,29 @@ def write_shapes_folder(directory: Path, n: int, *, seed: int, bad: bool = False
     return directory
 
 
+def write_shape_questions(folder: Path, *, bad: bool = False) -> Path:
+    """``vqa.jsonl`` beside a shapes folder: a colour and a shape question per image, with
+    question types (and, with ``bad``, a malformed line and a question about a missing image)."""
+    rows = []
+    for line in (folder / "metadata.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        words = row["text"].split()
+        if len(words) != 3 or not (folder / row["file_name"]).is_file():
+            continue
+        _, colour, shape = words
+        n = len(rows)
+        rows.append({"question_id": n, "image": row["file_name"], "question": "what colour is the shape?",
+                     "answers": [colour] * 10, "question_type": "colour"})
+        rows.append({"question_id": n + 1, "image": row["file_name"], "question": "what shape is it?",
+                     "answers": [shape] * 10, "question_type": "shape"})
+    lines = [json.dumps(r) for r in rows]
+    if bad:
+        lines += ["{not json", json.dumps({"question_id": "gone", "image": "images/missing.png", "question": "what?",
+                                           "answers": ["x"] * 10})]
+    (folder / "vqa.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "vqa.jsonl"
+
+
 def make_tiny_card(root: Path, *, train_size: int = 48, eval_size: int = 16, llm: bool = True) -> Path:
     """Write everything a recipe run needs under ``root`` and return the card's path."""
     import timm
@@ -76,12 +99,19 @@ def make_tiny_card(root: Path, *, train_size: int = 48, eval_size: int = 16, llm
                        "eval": str(write_shapes_folder(root / "val", eval_size, seed=1, references=True))},
             "stage2": {"train": str(root / "train"), "eval": str(root / "val")},
         },
+        "instruct": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "batch_size": 8, "max_steps": 6, "log_every": 1,
+                     "eval_every": 3, "save_every": 3, "num_workers": 0, "mixed_precision": "no"},
         "stage1": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "batch_size": 8, "max_steps": 6, "log_every": 1,
                    "eval_every": 3, "save_every": 3, "num_workers": 0, "mixed_precision": "no"},
         "stage2": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "batch_size": 8, "max_steps": 6, "log_every": 1,
                    "eval_every": 3, "save_every": 3, "num_workers": 0, "mixed_precision": "no"},
         "eval": {"stage1": {"k": 4, "max_images": eval_size},
-                 "stage2": {"num_beams": 2, "max_new_tokens": 6, "max_images": 8}},
+                 "stage2": {"num_beams": 2, "max_new_tokens": 6, "max_images": 8},
+                 "instruct": {"num_beams": 2, "max_new_tokens": 4, "max_images": 12}},
+    }
+    card["data"]["instruct"] = {
+        "train": [str(write_shape_questions(root / "train", bad=True)), {"path": str(root / "train"), "task": "caption"}],
+        "eval": str(write_shape_questions(root / "val")),
     }
     if llm:
         lm_tok = write_causal_tokenizer(root / "opt")

@@ -82,7 +82,7 @@ def _hf_batch(kind, video, batch, token_id, qtok, instructions):
 
 def _collate(ours, kind):
     return Stage2TextCollator(ours.llm_tokenizer, ours.config.llm, encoder_decoder=kind == "t5",
-                              qformer_tokenizer=ours.tokenizer, qformer_max_length=ours.config.instruction_max_len)
+                              qformer_tokenizer=ours.tokenizer, qformer_max_length=ours.config.instruction_tokens)
 
 
 def test_config_of_a_transformers_directory(pair):

@@ -113,6 +113,15 @@ def test_collator_masks_each_rows_own_prompt(tmp_path):
         assert tok.decode(kept).strip() == ["red", "a cat", "dog"][i]
     with pytest.raises(ValueError, match="prompts"):
         collate(["a", "b"], prompts=["x"])
+    # too long: the instruction loses its start (BOS kept), the answer stays whole
+    short = Stage2TextCollator(tok, LLMConfig(path=str(tmp_path / "tok"), max_txt_len=8), encoder_decoder=False)
+    long_prompt = "Question: " + "what colour is the big red cat on the sofa " * 3 + "Answer:"
+    b = short(["red cat"], prompts=[long_prompt])
+    ids, labels = b["input_ids"][0], b["labels"][0]
+    assert len(ids) == 8 and ids[0] == tok.bos_token_id
+    assert tok.decode(ids[labels != -100]).strip() == "red cat"
+    kept = tok.decode(ids[1:][labels[1:] == -100])
+    assert kept and long_prompt.endswith(kept)  # the instruction's end survives
 
 
 def test_video_records_become_clips(tmp_path):

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_recipe(stage: int, card: Path, out: Path, *extra: str, processes: int = 1, timeout: int = 600) -> str:
-    script = str(REPO / "recipes" / f"stage{stage}.py")
+def run_recipe(stage: int | str, card: Path, out: Path, *extra: str, processes: int = 1, timeout: int = 600) -> str:
+    script = str(REPO / "recipes" / (f"stage{stage}.py" if isinstance(stage, int) else f"{stage}.py"))
     args = ["--adapter", str(card), "--output-dir", str(out), "--no-progress", *extra]
     if processes == 1:
         cmd = [sys.executable, script, *args]
@@ -86,6 +87,33 @@ def test_stage1_then_stage2_single_process(tiny, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "ev" / "captions.jsonl").read_text().splitlines()]
     assert all(len(r["references"]) == 3 for r in rows)
 
+    # Instruction tuning from the stage-2 model (text parts from stage 1), and its exact resume.
+    inst = tmp_path / "inst"
+    common = ["--init-from", str(s2 / "model"), "--stage1-from", str(s1 / "model")]
+    stdout = run_recipe("instruct", tiny, inst, *common)
+    assert "BLIP-2 zero-shot on 12 held-out questions" in stdout and "instruction tuning done" in stdout
+    for name in ("loss_curve.png", "metrics.jsonl", "results.json", "answers.jsonl", "data_report.json",
+                 "model/config.json"):
+        assert (inst / name).is_file(), name
+    results = json.loads((inst / "results.json").read_text())["results"]["vqa"]
+    for column in ("instruction-tuned", "BLIP-2 zero-shot", "image-blind"):
+        assert {f"table/{column}/{t}" for t in ("colour", "shape", "all")} <= set(results), column
+    asked = [json.loads(line) for line in (val / "vqa.jsonl").read_text().splitlines()][:12]
+    colours = Counter(r["answers"][0] for r in asked if r["question_type"] == "colour")
+    assert results["table/image-blind/colour"] == pytest.approx(100 * max(colours.values()) / sum(colours.values()))
+    report = json.loads((inst / "data_report.json").read_text())
+    assert report["skipped"]["bad_record"] == 1 and report["skipped"]["missing_image"] == 1
+    model = Blip2.from_pretrained(inst / "model")
+    assert model.config.instruction_aware
+    assert len(model.answer(torch.zeros(1, 3, 32, 32), ["what colour is the shape?", "what shape is it?"],
+                            num_beams=1, max_new_tokens=3)) == 2
+    parts = tmp_path / "inst-parts"
+    run_recipe("instruct", tiny, parts, *common, "--stop-after", "3")
+    run_recipe("instruct", tiny, parts, *common, "--resume")
+    a, b = losses(inst), losses(parts)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert all(a[k]["loss"] == pytest.approx(b[k]["loss"], abs=1e-6) for k in a)
+
 
 @pytest.mark.slow
 def test_resumed_run_logs_the_same_losses(tiny, tmp_path):
@@ -117,15 +145,18 @@ def test_two_processes_gloo(tiny, tmp_path):
 
 
 def test_help_documents_every_option():
-    for stage in (1, 2):
-        out = subprocess.run([sys.executable, str(REPO / "recipes" / f"stage{stage}.py"), "--help"],
+    for stage in (1, 2, "instruct"):
+        script = f"stage{stage}.py" if isinstance(stage, int) else f"{stage}.py"
+        out = subprocess.run([sys.executable, str(REPO / "recipes" / script), "--help"],
                              capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120).stdout
         for flag in ("--adapter", "--output-dir", "--set", "--train-data", "--eval-data", "--lr", "--batch-size",
                      "--grad-accum", "--max-steps", "--mixed-precision", "--gradient-checkpointing", "--resume",
                      "--save-every", "--eval-every", "--warmup-steps", "--weight-decay", "--cache-features"):
             assert flag in out, (stage, flag)
-        if stage == 2:
+        if stage != 1:
             assert "--init-from" in out
+        if stage == "instruct":
+            assert "--stage1-from" in out and "square root" in out
 
 
 def test_missing_training_data_is_a_clear_error(tiny, tmp_path):
