@@ -71,6 +71,23 @@ def _check_paths(card: AdapterCard, stage: int, args: argparse.Namespace) -> Non
                                   "or pass --init-from DIR)")
 
 
+def check_tower_training(card: AdapterCard, stage: int) -> None:
+    """A trainable vision tower (``stageN.vision_trainable_blocks``) cannot read cached features
+    (they are the frozen tower's output) and needs float32 weights; both are checked here, before
+    anything is built (a ``SCHEME://`` tower's dtype is checked when the tower is unfrozen)."""
+    blocks = card.train_config(stage).vision_trainable_blocks
+    if blocks == 0:
+        return
+    if card.data.cache_features:
+        raise ConfigError(f"stage{stage}.vision_trainable_blocks={blocks} trains the vision tower, so its features "
+                          "cannot be cached: set data.cache_features=false (--cache-features false)")
+    vision = card.model.get("vision")
+    if isinstance(vision, dict) and not has_placeholder(vision) and vision.get("dtype", "float32") != "float32":
+        raise ConfigError(f"stage{stage}.vision_trainable_blocks={blocks} trains the vision tower, which needs float32 "
+                          f"weights (model.vision.dtype is {vision['dtype']}): --set model.vision.dtype=float32 "
+                          "(bf16 compute comes from mixed_precision=bf16)")
+
+
 def default_init_from(card: AdapterCard) -> Path:
     return Path("runs") / card.name / "stage1" / "model"
 
@@ -79,6 +96,7 @@ def start_recipe(args: argparse.Namespace, stage: int) -> tuple[Run, AdapterCard
     """Check everything cheap, then set up the run and prepare the card's resources."""
     card = card_from_args(args, stage)  # every key and value of the card and the command line
     _check_paths(card, stage, args)
+    check_tower_training(card, stage)
     train = card.train_config(stage)
     set_seed(train.seed)  # the same initial weights on every rank and in every rerun
     run = start_run(args.output_dir or Path("runs") / card.name / f"stage{stage}", progress=not args.no_progress,
@@ -149,5 +167,5 @@ def load_eval_set(card: AdapterCard, stage: int, *, vision: VisionConfig, max_im
                          seed=card.train_config(stage).seed, caption_column=card.data.caption_column)
 
 
-__all__ = ["check_data_spec", "default_init_from", "feature_cache_for", "finish_recipe", "load_eval_set", "open_training_data",
+__all__ = ["check_data_spec", "check_tower_training", "default_init_from", "feature_cache_for", "finish_recipe", "load_eval_set", "open_training_data",
            "start_recipe"]

@@ -39,10 +39,12 @@ def main() -> None:
     model = Blip2(cfg, tokenizer=tokenizer)
     if card.qformer_init:  # BLIP-2 starts the Q-Former from bert-base-uncased
         run.print(init_qformer_from_bert(model, card.qformer_init))
-    model.set_stage(1)
+    model.set_stage(1, vision_trainable_blocks=train.vision_trainable_blocks)  # fine-tuning: the tower too
     model.qformer.set_gradient_checkpointing(train.gradient_checkpointing)
+    if model.vision.trains:
+        model.vision.set_gradient_checkpointing(train.gradient_checkpointing)
     run.print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M; "
-              f"frozen vision tower: {model.vision.describe()}")
+              f"{'trainable' if model.vision.trains else 'frozen'} vision tower: {model.vision.describe()}")
 
     # ---------------------------------------------------------------- data
     # Without random augmentation the frozen tower's output is the same every epoch, so it
