@@ -114,6 +114,10 @@ def build_parser(stage: int, description: str, *, card: AdapterCard | None = Non
                    help=f"where checkpoints, logs, plots and the final model go (default: runs/ADAPTER/stage{stage})")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any card field with a dotted key, e.g. --set model.qformer.num_layers=6 (repeatable)")
+    if stage == 1:
+        g.add_argument("--init-from", type=Path, default=None,
+                       help="a model directory saved by qformer to start from instead of the card's qformer_init, "
+                            "e.g. a pretrained stage-1 model for retrieval fine-tuning (default: none)")
     if stage == 2:
         g.add_argument("--init-from", type=Path, default=None,
                        help="stage-1 model directory to start from (default: runs/ADAPTER/stage1/model)")

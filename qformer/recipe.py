@@ -64,7 +64,7 @@ def _check_paths(card: AdapterCard, stage: int, args: argparse.Namespace) -> Non
         if not (Path(args.resume) / "trainer_state.json").is_file():
             raise CheckpointError(f"--resume {args.resume}: not a complete checkpoint (no trainer_state.json)")
     init_from = getattr(args, "init_from", None)
-    if stage == 2:
+    if stage == 2 or init_from is not None:
         init_from = init_from or default_init_from(card)
         if not (Path(init_from) / "config.json").is_file():
             raise CheckpointError(f"--init-from {init_from}: no stage-1 model there (run recipes/stage1.py first, "

@@ -377,3 +377,17 @@ def test_image_ids_change_itc_targets_and_itm_negatives_as_a_naive_reference(tok
             w = [0.0 if ids[c] == ids[r] else math.exp(row[c]) for c in range(n)]
             for c in range(n):
                 assert abs(counts[r, c].item() / draws - w[c] / sum(w)) < 0.03, (r, c, counts[r], w)
+
+
+def test_the_paper_fine_tuning_cards():
+    cap = load_adapter("eva-vit-g_opt-2.7b_caption-ft")
+    t = cap.train_config(2)
+    assert (t.vision_trainable_blocks, t.lr, t.min_lr, t.warmup_steps, t.gradient_checkpointing) == (-1, 1e-5, 0.0, 1000,
+                                                                                                      True)
+    assert cap.model["llm"]["prompt"] == "a photo of" and cap.model["vision"]["image_size"] == 364
+    check_tower_training(cap, 2)
+    ret = load_adapter("eva-vit-g_opt-2.7b_retrieval-ft")
+    t = ret.train_config(1)
+    assert (t.vision_trainable_blocks, t.vision_layer_decay, t.batch_size) == (-1, 0.95, 14)
+    assert ret.eval.stage1.k == 128 and ret.model["vision"]["dtype"] == "float32"
+    check_tower_training(ret, 1)
