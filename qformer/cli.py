@@ -196,7 +196,9 @@ def card_from_args(args: argparse.Namespace, stage: int) -> AdapterCard:
             overrides.append(f"data.stage{stage}.{key}={json.dumps(value[0] if len(value) == 1 else value)}")
     for key in ("augment", "cache_features", "streaming", "caption_column", "image_column"):
         value = getattr(args, key, None)
-        if value not in (None, False):
+        # None: not given; --streaming is a store_true flag, so False means not given there too,
+        # but "--augment false" / "--cache-features false" are values that override the card.
+        if value is not None and not (key == "streaming" and value is False):
             overrides.append(f"data.{key}={json.dumps(value)}")
     if args.eval_size is not None:
         overrides.append(f"eval.stage{stage}.max_images={args.eval_size}")

@@ -246,6 +246,9 @@ def test_train_config_and_card_fields(tmp_path):
     assert (t.vision_trainable_blocks, t.vision_lr, t.vision_layer_decay) == (-1, None, 0.95)
     with pytest.raises(ConfigError, match="cache_features"):
         check_tower_training(card, 2)  # the toy card caches the frozen tower's features
+    card = card_from_args(p.parse_args(["--vision-trainable-blocks", "-1", "--cache-features", "false"]), 2)
+    assert card.data.cache_features is False  # "false" on the command line overrides the card's true
+    check_tower_training(card, 2)
     card = load_adapter("eva-vit-g_opt-2.7b", ["stage2.vision_trainable_blocks=-1"])
     with pytest.raises(ConfigError, match="float32"):
         check_tower_training(card, 2)  # the card's tower is bf16
