@@ -15,6 +15,7 @@ from qformer import stage1 as stage1_module
 from qformer.adapters import load_adapter
 from qformer.cli import build_parser, card_from_args
 from qformer.config import ConfigError, LLMConfig
+from qformer.persistence import init_from_stage1
 from qformer.recipe import check_tower_training
 from qformer.stage2 import Stage2Objective, Stage2TextCollator
 from qformer.training import TrainConfig, build_optimizer, build_scheduler, param_groups
@@ -320,6 +321,20 @@ def test_frozen_tower_is_still_left_out_of_training_checkpoints(tmp_path, tok):
     with safe_open(str(tmp_path / "ckpt2" / "model.safetensors"), "pt") as f:
         assert {k for k in f.keys() if k.startswith("vision.model.")} == {f"vision.model.{k}" for k in
                                                                          m2.vision.model.state_dict()}
+    # a tower that came from a saved model (e.g. fine-tuned) is written again by the next stage's
+    # checkpoints, even frozen: vision.pretrained would give other weights
+    with torch.no_grad():
+        m2.vision.blocks[-1].mlp.fc1.weight.add_(1.0)  # "fine-tuned"
+    m2.save_pretrained(tmp_path / "ckpt3", include_frozen=False)
+    for source, kept in (("ckpt", False), ("ckpt3", True)):
+        m3 = stage1_model(tok, seed=1, pretrained=str(weights))
+        init_from_stage1(m3, tmp_path / source)
+        m3.set_stage(1)
+        m3.save_pretrained(tmp_path / f"next-{source}", include_frozen=False)
+        with safe_open(str(tmp_path / f"next-{source}" / "model.safetensors"), "pt") as f:
+            assert any(k.startswith("vision.") for k in f.keys()) == kept, source
+        back = Blip2.from_pretrained(tmp_path / f"next-{source}")
+        assert torch.equal(back.vision.blocks[-1].mlp.fc1.weight, m2.vision.blocks[-1].mlp.fc1.weight) == kept
 
 
 # ---------------------------------------------------------------------------- image ids (retrieval fine-tuning)

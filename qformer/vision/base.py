@@ -96,6 +96,9 @@ class VisionTower(nn.Module):
         self.model.requires_grad_(False)
         self.model.eval()
         self.trainable_blocks = 0  # see set_trainable_blocks
+        # True once weights other than config.pretrained's were loaded from a saved model (e.g. a
+        # fine-tuned tower): saving then writes the tower even where a frozen one is left out.
+        self.weights_from_checkpoint = False
 
     # -- what a backend provides ------------------------------------------------------------------
 
@@ -181,6 +184,12 @@ class VisionTower(nn.Module):
     def trains(self) -> bool:
         """Whether any of the tower's parameters requires grad (then ``forward`` keeps the graph)."""
         return any(p.requires_grad for p in self.model.parameters())
+
+    @property
+    def must_be_saved(self) -> bool:
+        """Whether a save must write the tower: it trains, or its weights came from a saved model
+        rather than from ``config.pretrained``."""
+        return self.trains or self.weights_from_checkpoint
 
     def layer_id(self, name: str) -> int:
         """Depth of parameter ``name`` (the inner model's own name): ``i + 1`` for block ``i``,
