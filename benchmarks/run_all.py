@@ -36,9 +36,11 @@ BENCHMARKS = {
     "retrieval": ("retrieval_scaling.py", ["--repeats", "2"], ["--repeats", "1"]),
     "matmul": ("matmul_efficiency.py", ["--rounds", "2", "--steps", "2", "--warmup", "2"],
                ["--rounds", "2", "--steps", "1", "--warmup", "1"]),
+    "vision_finetune": ("vision_finetune_memory.py", [], ["--skip-estimate"]),
 }
 RESULT_NAMES = {"stage1": "stage1_step", "stage2": "stage2_step", "generation": "generation",
-                "retrieval": "retrieval_scaling", "matmul": "matmul_efficiency"}
+                "retrieval": "retrieval_scaling", "matmul": "matmul_efficiency",
+                "vision_finetune": "vision_finetune_memory"}
 
 HOW_TO_RUN = """\
 ## How to run
@@ -52,6 +54,7 @@ python benchmarks/stage2_step.py --llms opt --hf-bf16-weights
 python benchmarks/generation.py
 python benchmarks/retrieval_scaling.py --sizes 100 200 400 800 1600 --k 16
 python benchmarks/matmul_efficiency.py
+python benchmarks/vision_finetune_memory.py   # fine-tuning with the vision tower unfrozen: memory
 ```
 
 The LAVIS side needs the oracle venv (`.venv-lavis`, or `QFORMER_LAVIS_PYTHON=/path/to/python`) and

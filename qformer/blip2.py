@@ -86,7 +86,8 @@ class Blip2(Blip2Model):
 
     def export_transformers(self, directory: str | os.PathLike) -> None:
         """Write a directory that ``transformers.Blip2ForConditionalGeneration.from_pretrained``
-        loads with the same outputs (plus its tokenizer and ``Blip2Processor``)."""
+        loads with the same outputs (plus its tokenizer and ``Blip2Processor``); a model without
+        an LLM as ``Blip2ForImageTextRetrieval``. The vision tower's weights go along."""
         export_transformers(self, Path(directory))
 
     @classmethod

@@ -45,7 +45,13 @@ _TRAIN_HELP = {
     "save_every": "write a checkpoint every N optimizer steps",
     "keep_checkpoints": "how many recent checkpoints to keep",
     "mixed_precision": "no | bf16 | fp16 (bf16 on CPUs and recent GPUs; never fp16 on a CPU)",
-    "gradient_checkpointing": "recompute Q-Former activations in the backward pass to save memory",
+    "gradient_checkpointing": "recompute activations in the backward pass to save memory (the Q-Former's, and the "
+                              "vision tower's trainable blocks')",
+    "vision_trainable_blocks": "fine-tune the vision tower too (BLIP-2's fine-tuning): -1 all of it, N its last N "
+                               "blocks, 0 frozen (pre-training); needs model.vision.dtype=float32",
+    "vision_lr": "base learning rate of the vision tower, before layer-wise decay (null: --lr)",
+    "vision_layer_decay": "layer-wise lr decay of the tower: block i of D kept blocks trains at vision_lr * "
+                          "decay^(D-i), the embeddings at vision_lr * decay^(D+1) (1: none; BLIP-2's fine-tuning: 0.95)",
     "skip_nonfinite_steps": "skip up to N optimizer steps whose loss or gradient norm is NaN/inf (0: stop at the first)",
     "seed": "seed of data order, augmentation, dropout and ITM negatives",
     "num_workers": "DataLoader worker processes per rank",
@@ -72,7 +78,7 @@ def _bool(text: str) -> bool:
 
 
 def _kind(f: dataclasses.Field) -> Callable[[str], Any]:
-    if f.name == "max_grad_norm":
+    if f.name in ("max_grad_norm", "vision_lr"):
         return lambda s: None if s.lower() in ("null", "none") else float(s)
     return {int: int, float: float, bool: _bool}.get(type(f.default), str)
 
@@ -108,6 +114,10 @@ def build_parser(stage: Stage, description: str, *, card: AdapterCard | None = N
                    help=f"where checkpoints, logs, plots and the final model go (default: runs/ADAPTER/{stage_key(stage)})")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any card field with a dotted key, e.g. --set model.qformer.num_layers=6 (repeatable)")
+    if stage == 1:
+        g.add_argument("--init-from", type=Path, default=None,
+                       help="a model directory saved by qformer to start from instead of the card's qformer_init, "
+                            "e.g. a pretrained stage-1 model for retrieval fine-tuning (default: none)")
     if stage == 2:
         g.add_argument("--init-from", type=Path, default=None,
                        help="stage-1 model directory to start from (default: runs/ADAPTER/stage1/model)")
@@ -198,7 +208,9 @@ def card_from_args(args: argparse.Namespace, stage: Stage) -> AdapterCard:
             overrides.append(f"data.{stage_key(stage)}.{key}={json.dumps(value[0] if len(value) == 1 else value)}")
     for key in ("augment", "cache_features", "streaming", "caption_column", "image_column"):
         value = getattr(args, key, None)
-        if value not in (None, False):
+        # None: not given; --streaming is a store_true flag, so False means not given there too,
+        # but "--augment false" / "--cache-features false" are values that override the card.
+        if value is not None and not (key == "streaming" and value is False):
             overrides.append(f"data.{key}={json.dumps(value)}")
     if args.eval_size is not None:
         overrides.append(f"eval.{stage_key(stage)}.max_images={args.eval_size}")

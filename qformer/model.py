@@ -168,7 +168,7 @@ class Blip2Model(nn.Module):
     def embed_image(
         self, pixel_values: torch.Tensor | None = None, *, vision_features: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Frozen ViT then the trainable ``ln_vision``: (B, 3, H, W) -> (B, N, C) float32.
+        """The ViT (frozen unless fine-tuned) then the trainable ``ln_vision``: (B, 3, H, W) -> (B, N, C) float32.
 
         ``vision_features`` (B, N, C): the tower's output computed earlier (e.g. read from a
         feature cache), used instead of running the tower.
@@ -176,7 +176,7 @@ class Blip2Model(nn.Module):
         if vision_features is None:
             if pixel_values is None:
                 raise ValueError("embed_image needs pixel_values or vision_features")
-            vision_features = self.vision(pixel_values)  # (B, N, C), no grad
+            vision_features = self.vision(pixel_values)  # (B, N, C), no grad unless the tower trains
         return self.ln_vision(vision_features.to(self.ln_vision.weight.dtype))
 
     def image_kv(self, image_embeds: torch.Tensor) -> ImageKV:
@@ -326,7 +326,7 @@ class Blip2Model(nn.Module):
     # ------------------------------------------------------------------ what trains
     def train(self, mode: bool = True) -> "Blip2Model":
         super().train(mode)
-        self.vision.eval()  # frozen: dropout / drop-path always off
+        self.vision.train(mode)  # the tower keeps its frozen parts in eval mode (see VisionTower.train)
         if self.config.llm is not None:
             self.llm.eval()  # frozen LLM: no dropout ...
             for name, module in self.llm.named_modules():
@@ -337,7 +337,7 @@ class Blip2Model(nn.Module):
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
-    def set_stage(self, stage: int) -> None:
+    def set_stage(self, stage: int, *, vision_trainable_blocks: int = 0) -> None:
         """Make exactly the parameters of a training stage trainable.
 
         Stage 1: everything but the frozen vision tower (and LLM). Stage 2: the query path of
@@ -346,6 +346,9 @@ class Blip2Model(nn.Module):
         (:func:`is_stage1_only`) get no gradient in stage 2, so they are frozen -- except, in an
         instruction-aware model, the text-input parts that read the instruction
         (:func:`unused_in_stage2`).
+
+        ``vision_trainable_blocks``: BLIP-2's fine-tuning also trains the vision tower: -1 all
+        of it, N its last N blocks, 0 (default) none (see ``VisionTower.set_trainable_blocks``).
         """
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
@@ -360,6 +363,7 @@ class Blip2Model(nn.Module):
                 p.requires_grad_(not name.startswith("language_projection."))
             else:
                 p.requires_grad_(not unused_in_stage2(name, self.config))
+        self.vision.set_trainable_blocks(vision_trainable_blocks)
 
     @torch.no_grad()
     def clamp_temperature_(self, low: float = 0.001, high: float = 0.5) -> None:

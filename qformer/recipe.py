@@ -81,24 +81,43 @@ def _check_paths(card: AdapterCard, stage: Stage, args: argparse.Namespace) -> N
         if not (Path(args.resume) / "trainer_state.json").is_file():
             raise CheckpointError(f"--resume {args.resume}: not a complete checkpoint (no trainer_state.json)")
     init_from = getattr(args, "init_from", None)
-    if stage in (2, "instruct"):
+    if stage in (2, "instruct") or init_from is not None:
         init_from = init_from or default_init_from(card, stage)
-        before = "stage-1" if stage == 2 else "stage-2 (BLIP-2)"
-        recipe = "recipes/stage1.py" if stage == 2 else "make demo (or recipes/stage1.py then recipes/stage2.py)"
+        before = {1: "qformer", 2: "stage-1", "instruct": "stage-2 (BLIP-2)"}[stage]
+        recipe = {1: "a recipe", 2: "recipes/stage1.py",
+                  "instruct": "make demo (or recipes/stage1.py then recipes/stage2.py)"}[stage]
         if not (Path(init_from) / "config.json").is_file():
             raise CheckpointError(f"--init-from {init_from}: no {before} model there (run {recipe} first, "
                                   "or pass --init-from DIR)")
 
 
+def check_tower_training(card: AdapterCard, stage: Stage) -> None:
+    """A trainable vision tower (``stageN.vision_trainable_blocks``) cannot read cached features
+    (they are the frozen tower's output) and needs float32 weights; both are checked here, before
+    anything is built (a ``SCHEME://`` tower's dtype is checked when the tower is unfrozen)."""
+    blocks = card.train_config(stage).vision_trainable_blocks
+    if blocks == 0:
+        return
+    if card.data.cache_features:
+        raise ConfigError(f"{stage_key(stage)}.vision_trainable_blocks={blocks} trains the vision tower, so its features "
+                          "cannot be cached: set data.cache_features=false (--cache-features false)")
+    vision = card.model.get("vision")
+    if isinstance(vision, dict) and not has_placeholder(vision) and vision.get("dtype", "float32") != "float32":
+        raise ConfigError(f"{stage_key(stage)}.vision_trainable_blocks={blocks} trains the vision tower, which needs float32 "
+                          f"weights (model.vision.dtype is {vision['dtype']}): --set model.vision.dtype=float32 "
+                          "(bf16 compute comes from mixed_precision=bf16)")
+
+
 def default_init_from(card: AdapterCard, stage: Stage = 2) -> Path:
     """Where a stage starts from by default: the previous stage's model of this card."""
-    return Path("runs") / card.name / ("stage1" if stage == 2 else "stage2") / "model"
+    return Path("runs") / card.name / ("stage2" if stage == "instruct" else "stage1") / "model"
 
 
 def start_recipe(args: argparse.Namespace, stage: Stage) -> tuple[Run, AdapterCard]:
     """Check everything cheap, then set up the run and prepare the card's resources."""
     card = card_from_args(args, stage)  # every key and value of the card and the command line
     _check_paths(card, stage, args)
+    check_tower_training(card, stage)
     train = card.train_config(stage)
     set_seed(train.seed)  # the same initial weights on every rank and in every rerun
     run = start_run(args.output_dir or Path("runs") / card.name / stage_key(stage), progress=not args.no_progress,
@@ -170,5 +189,6 @@ def load_eval_set(card: AdapterCard, stage: Stage, *, vision: VisionConfig, max_
                          seed=card.train_config(stage).seed, caption_column=card.data.caption_column)
 
 
-__all__ = ["check_data_spec", "check_instruction_spec", "default_init_from", "feature_cache_for", "finish_recipe", "load_eval_set", "open_training_data",
+__all__ = ["check_data_spec", "check_instruction_spec", "check_tower_training", "default_init_from", "feature_cache_for",
+           "finish_recipe", "load_eval_set", "open_training_data",
            "start_recipe"]

@@ -2,6 +2,7 @@
 
     python recipes/stage1.py                            # the built-in toy world (no downloads), one process
     accelerate launch recipes/stage1.py --adapter eva-vit-g_opt-2.7b --train-data DATA --eval-data DATA
+    accelerate launch recipes/stage1.py --adapter eva-vit-g_opt-2.7b_retrieval-ft --init-from STAGE1_MODEL ...
 
 Multi-process (DDP / FSDP / DeepSpeed) is whatever `accelerate config` says; on a CPU machine
 `accelerate launch --multi_gpu --num_processes 2 recipes/stage1.py` runs two ranks on gloo.
@@ -18,7 +19,7 @@ from qformer.data import Stage1Collator
 from qformer.eval.report import format_grid
 from qformer.eval.tasks import evaluate_eval_set_retrieval
 from qformer.loop import fit
-from qformer.persistence import init_qformer_from_bert
+from qformer.persistence import init_from_stage1, init_qformer_from_bert
 from qformer.recipe import feature_cache_for, finish_recipe, load_eval_set, open_training_data, start_recipe
 from qformer.tokenizer import load_qformer_tokenizer
 
@@ -37,12 +38,16 @@ def main() -> None:
     # ---------------------------------------------------------------- model
     tokenizer = load_qformer_tokenizer(card.tokenizer)
     model = Blip2(cfg, tokenizer=tokenizer)
-    if card.qformer_init:  # BLIP-2 starts the Q-Former from bert-base-uncased
+    if args.init_from is not None:  # fine-tuning (e.g. retrieval) starts from a pretrained stage-1 model
+        run.print(init_from_stage1(model, args.init_from))
+    elif card.qformer_init:  # BLIP-2 starts the Q-Former from bert-base-uncased
         run.print(init_qformer_from_bert(model, card.qformer_init))
-    model.set_stage(1)
+    model.set_stage(1, vision_trainable_blocks=train.vision_trainable_blocks)  # fine-tuning: the tower too
     model.qformer.set_gradient_checkpointing(train.gradient_checkpointing)
+    if model.vision.trains:
+        model.vision.set_gradient_checkpointing(train.gradient_checkpointing)
     run.print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M; "
-              f"frozen vision tower: {model.vision.describe()}")
+              f"{'trainable' if model.vision.trains else 'frozen'} vision tower: {model.vision.describe()}")
 
     # ---------------------------------------------------------------- data
     # Without random augmentation the frozen tower's output is the same every epoch, so it

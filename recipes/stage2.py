@@ -42,9 +42,12 @@ def main() -> None:
     tokenizer = load_qformer_tokenizer(card.tokenizer) if cfg.stage1_heads else None
     model = Blip2(cfg, tokenizer=tokenizer)
     run.print(init_from_stage1(model, init_from))  # what came from where, and what starts fresh
-    model.set_stage(2)
+    model.set_stage(2, vision_trainable_blocks=train.vision_trainable_blocks)  # fine-tuning: the tower too
     model.qformer.set_gradient_checkpointing(train.gradient_checkpointing)
-    run.print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M")
+    if model.vision.trains:
+        model.vision.set_gradient_checkpointing(train.gradient_checkpointing)
+    run.print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M; "
+              f"{'trainable' if model.vision.trains else 'frozen'} vision tower: {model.vision.describe()}")
 
     # ---------------------------------------------------------------- data
     split = card.data.stage2

@@ -208,3 +208,26 @@ def test_toy_world_smoke(tmp_path, processes):
     assert {"CIDEr", "Bleu_4", "ROUGE_L", "toy_recall", "toy_colour_recall"} <= set(res), sorted(res)
     assert all(0 <= res[k] <= 1 for k in ("toy_recall", "toy_colour_recall")) and res["CIDEr"] >= 0
     assert (s2 / "loss_curve.png").is_file() and (s2 / "samples.txt").read_text().count("pred:") == 12
+
+
+@pytest.mark.slow
+def test_stage1_with_the_tower_unfrozen_resumes_exactly(tiny, tmp_path):
+    """Fine-tuning's trainable tower through the recipe: checkpoints carry it, --resume continues
+    exactly, the final model holds the trained tower."""
+    from safetensors.torch import load_file
+
+    opts = ("--vision-trainable-blocks", "-1", "--vision-layer-decay", "0.9", "--gradient-checkpointing", "true",
+            "--cache-features", "false", "--eval-size", "0", "--max-steps", "4", "--save-every", "2")
+    full, part = tmp_path / "full", tmp_path / "part"
+    stdout = run_recipe(1, tiny, full, *opts)
+    assert "trainable vision tower" in stdout
+    run_recipe(1, tiny, part, *opts, "--stop-after", "2")
+    ckpt = load_file(str(part / "checkpoints" / "step-00000002" / "model" / "model.safetensors"))
+    assert any(k.startswith("vision.model.blocks.") for k in ckpt)  # the trainable tower is in the checkpoint
+    run_recipe(1, tiny, part, *opts, "--resume")
+    assert losses(full) == losses(part)
+    a, b = load_file(str(full / "model" / "model.safetensors")), load_file(str(part / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = load_file(str(tiny.parent / "tower.safetensors"))
+    trained = {k[len("vision.model."):]: v for k, v in a.items() if k.startswith("vision.model.")}
+    assert trained and set(trained) <= set(start) and all(not torch.equal(trained[k], start[k]) for k in trained)

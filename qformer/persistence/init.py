@@ -46,7 +46,11 @@ def init_from_stage1(model: Blip2Model, directory: str | os.PathLike, *, strict:
     elsewhere = {k: f"frozen LLM from {llm.path or 'llm.hf_config'}" for k in frozen_llm_keys(model)}
     if not any(k.startswith(VISION_PREFIX) for k in sd) and model.config.vision.pretrained:
         elsewhere[VISION_PREFIX] = f"frozen vision tower from {model.config.vision.pretrained!r}"
-    return load_into(model, conv, source=str(directory), strict=strict, fresh_ok=fresh, elsewhere=elsewhere)
+    report = load_into(model, conv, source=str(directory), strict=strict, fresh_ok=fresh, elsewhere=elsewhere)
+    # e.g. a fine-tuned tower: later saves must write it, vision.pretrained no longer gives it
+    model.vision.weights_from_checkpoint = bool(model.config.vision.pretrained) and any(
+        k.startswith(VISION_PREFIX) for k in conv.state_dict)
+    return report
 
 
 def instruction_aware_from(

@@ -43,12 +43,14 @@ def save_blip2(model: "Blip2Model", directory: Path, *, include_frozen: bool = T
     ``model.safetensors`` and the frozen LLM is a transformers directory ``llm/``.
     ``include_frozen=False`` (training checkpoints) keeps only what trains (and small
     buffers); the frozen towers are then rebuilt from ``vision.pretrained`` / ``llm.path``.
+    A vision tower that trains (BLIP-2's fine-tuning), or whose weights were loaded from a saved
+    model, is always written whole: its weights are not what ``vision.pretrained`` gives.
     A quantised LLM is never written: it is re-quantised from ``llm.path`` at load.
     """
     config = Blip2Config.from_dict(model.config.to_dict())
     state = model.state_dict()
     drop = set(frozen_llm_keys(model))
-    if not include_frozen:
+    if not include_frozen and not model.vision.must_be_saved:
         if not config.vision.pretrained:
             raise CheckpointError(
                 "include_frozen=False leaves the vision tower out, but vision.pretrained does not say "
@@ -101,6 +103,7 @@ def load_ours(cls, path: Path, meta: dict, opts: LoadOptions) -> tuple["Blip2Mod
         elsewhere[VISION_PREFIX] = f"frozen vision tower from {config.vision.pretrained!r}"
     report = load_into(model, Converted(state_dict=sd), source=str(path / WEIGHTS_NAME), strict=opts.strict,
                        elsewhere=elsewhere)
+    model.vision.weights_from_checkpoint = bool(config.vision.pretrained) and any(k.startswith(VISION_PREFIX) for k in sd)
     return model, report
 
 

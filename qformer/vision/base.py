@@ -51,25 +51,37 @@ def drop_removed_parts(
 
 
 class VisionTower(nn.Module):
-    """A frozen image encoder returning the output of block ``config.feature_layer`` for all tokens.
+    """An image encoder returning the output of block ``config.feature_layer`` for all tokens.
 
     Build one with :func:`qformer.vision.build_vision_tower` (it picks the backend's class).
     ``forward(pixel_values)`` maps ``(B, 3, S, S)`` (``S = config.image_size``) to float32
     ``(B, num_tokens, width)``: CLS/prefix tokens included, no final norm.
 
-    The tower is frozen for good: its parameters do not require grad, its inner model stays in
-    eval mode whatever ``train()`` is called with (no dropout, no drop-path), and ``forward`` runs
-    under ``torch.no_grad()``. That is ``no_grad`` and not ``inference_mode`` on purpose: the
-    features are ordinary tensors that a trainable ``ln_vision`` may take as input.
+    The tower is built frozen, as BLIP-2 pre-training keeps it: its parameters do not require
+    grad, its inner model stays in eval mode whatever ``train()`` is called with (no dropout, no
+    drop-path), and ``forward`` runs under ``torch.no_grad()``. That is ``no_grad`` and not
+    ``inference_mode`` on purpose: the features are ordinary tensors that a trainable
+    ``ln_vision`` may take as input.
+
+    BLIP-2's fine-tuning recipes train the tower too: :meth:`set_trainable_blocks` unfreezes all
+    of it or its last N blocks (``TrainConfig.vision_trainable_blocks``). Then the trainable
+    blocks follow ``train()`` (dropout / drop-path as the model's config says), ``forward`` keeps
+    the graph, and :meth:`set_gradient_checkpointing` recomputes the trainable blocks' activations
+    in the backward pass (the backend's own mechanism, non-reentrant). A trainable tower must
+    hold float32 weights (mixed precision comes from autocast, ``mixed_precision=bf16``): a
+    half-precision tower cannot take small AdamW updates (LAVIS issue #279).
 
     Weights and compute use ``config.dtype``; the input is cast to it and the output returned in
     float32 so that everything downstream sees one dtype.
 
     Subclasses set ``self.model`` (the inner, pruned model) and ``self.num_blocks`` in
-    :meth:`_build` and implement :attr:`width`, :attr:`num_tokens` and :meth:`_features`.
+    :meth:`_build`, name their block list in ``block_prefix`` and implement :attr:`width`,
+    :attr:`num_tokens`, :meth:`_features` and :meth:`_set_checkpointing`.
     """
 
     backend: str = ""
+    #: Where the inner model's blocks are, as a parameter-name prefix with the index following it.
+    block_prefix: str = ""
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -83,6 +95,10 @@ class VisionTower(nn.Module):
         self.model.to(torch_dtype(config.dtype))
         self.model.requires_grad_(False)
         self.model.eval()
+        self.trainable_blocks = 0  # see set_trainable_blocks
+        # True once weights other than config.pretrained's were loaded from a saved model (e.g. a
+        # fine-tuned tower): saving then writes the tower even where a frozen one is left out.
+        self.weights_from_checkpoint = False
 
     # -- what a backend provides ------------------------------------------------------------------
 
@@ -102,6 +118,10 @@ class VisionTower(nn.Module):
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in the tower's dtype -> (B, N, C): the last kept block's output, no norm."""
+        raise NotImplementedError
+
+    def _set_checkpointing(self, enabled: bool) -> None:
+        """Turn the backend's own activation checkpointing of the blocks on or off."""
         raise NotImplementedError
 
     # -- shared -----------------------------------------------------------------------------------
@@ -127,10 +147,72 @@ class VisionTower(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.describe()}, {self.num_tokens} tokens at {self.config.image_size}px, dtype {self.config.dtype}"
 
+    # -- training the tower (BLIP-2's fine-tuning) ------------------------------------------------
+
+    @property
+    def blocks(self) -> nn.ModuleList | nn.Sequential:
+        """The kept blocks, in order."""
+        module = self.model
+        for part in self.block_prefix.strip(".").split("."):
+            module = getattr(module, part)
+        return module
+
+    def set_trainable_blocks(self, n: int) -> None:
+        """Train the last ``n`` kept blocks (``-1``: the whole tower, embeddings included; ``0``:
+        frozen, the default). Everything else stays frozen and in eval mode."""
+        if not isinstance(n, int) or isinstance(n, bool) or not -1 <= n <= self.num_blocks:
+            raise ConfigError(f"vision_trainable_blocks must be -1 (all), 0 (frozen) or 1..{self.num_blocks} "
+                              f"(the last N of the tower's {self.num_blocks} block(s)), got {n!r}")
+        if n != 0 and self.dtype != torch.float32:
+            raise ConfigError(
+                f"vision_trainable_blocks={n} trains the vision tower, which then needs float32 weights "
+                f"(vision.dtype=float32; vision.dtype is {self.config.dtype}): use mixed_precision=bf16 for "
+                "bf16 compute, never a half-precision tower"
+            )
+        self.model.requires_grad_(False)
+        for module in self._trainable_modules(n):
+            module.requires_grad_(True)
+        self.trainable_blocks = n
+        self.train(self.training)
+
+    def _trainable_modules(self, n: int) -> list[nn.Module]:
+        if n == -1:
+            return [self.model]
+        return list(self.blocks)[self.num_blocks - n:] if n else []
+
+    @property
+    def trains(self) -> bool:
+        """Whether any of the tower's parameters requires grad (then ``forward`` keeps the graph)."""
+        return any(p.requires_grad for p in self.model.parameters())
+
+    @property
+    def must_be_saved(self) -> bool:
+        """Whether a save must write the tower: it trains, or its weights came from a saved model
+        rather than from ``config.pretrained``."""
+        return self.trains or self.weights_from_checkpoint
+
+    def layer_id(self, name: str) -> int:
+        """Depth of parameter ``name`` (the inner model's own name): ``i + 1`` for block ``i``,
+        ``0`` for everything before the blocks (patch / position embeddings, class token,
+        pre-norm), which is all a pruned tower has besides its blocks. Layer-wise learning-rate
+        decay scales each depth's rate (:func:`qformer.training.param_groups`)."""
+        if name.startswith(self.block_prefix):
+            return int(name[len(self.block_prefix):].split(".", 1)[0]) + 1
+        return 0
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the trainable blocks' activations in the backward pass (frozen blocks keep
+        no graph anyway). Non-reentrant, so a block whose input needs no grad still gets its
+        parameters' gradients."""
+        self._set_checkpointing(bool(enabled))
+
     def train(self, mode: bool = True) -> "VisionTower":
-        """Set the wrapper's flag as asked but keep the frozen model in eval mode, always."""
+        """Set the wrapper's flag as asked; the frozen parts stay in eval mode, always, and only
+        the trainable blocks (see :meth:`set_trainable_blocks`) follow ``mode``."""
         super().train(mode)
         self.model.eval()
+        for module in self._trainable_modules(getattr(self, "trainable_blocks", 0)):
+            module.train(mode)
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -142,7 +224,7 @@ class VisionTower(nn.Module):
                 f"the vision tower expects pixel_values of shape (B, 3, {size}, {size}), got {tuple(pixel_values.shape)}"
             )
         x = pixel_values.to(device=self.device, dtype=self.dtype)  # (B, 3, S, S)
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains):  # frozen: no_grad, as always
             feats = self._features(x)  # (B, N, C)
         return feats.float()
 

@@ -70,6 +70,7 @@ def read_hf_vision_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 class HFTower(VisionTower):
     backend = "hf"
+    block_prefix = "encoder.layers."
 
     def _build(self, config: VisionConfig) -> tuple[nn.Module, int]:
         """Build or load the transformers vision model, then remove what follows block ``feature_layer``."""
@@ -124,6 +125,20 @@ class HFTower(VisionTower):
         # that one index keeps transformers from holding every layer's output.
         out = self.model(pixel_values=x, output_hidden_states=[self.num_blocks])
         return out.hidden_states[self.num_blocks]
+
+    def _set_checkpointing(self, enabled: bool) -> None:
+        # transformers checkpoints each encoder layer that is in training mode (the trainable ones).
+        # activation_checkpointing_* are the names of recent 5.x releases; gradient_checkpointing_* before.
+        m = self.model
+        if enabled:
+            enable = getattr(m, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:  # pragma: no cover - older transformers
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            disable = getattr(m, "activation_checkpointing_disable", None) or m.gradient_checkpointing_disable
+            disable()
 
 
 __all__ = ["HF_HEAD_PREFIXES", "HF_VISION_MODEL_TYPES", "HFTower", "hf_vision_classes", "read_hf_vision_weights"]

@@ -22,6 +22,7 @@ TIMM_HEAD_PREFIXES = ("head.", "fc_norm.", "norm.", "attn_pool.")
 
 class TimmTower(VisionTower):
     backend = "timm"
+    block_prefix = "blocks."
 
     def _build(self, config: VisionConfig) -> tuple[nn.Module, int]:
         """Create the timm model, prune it after block ``feature_layer``, load its weights."""
@@ -67,6 +68,11 @@ class TimmTower(VisionTower):
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)  # pruned: block `feature_layer`'s output, no norm
+
+    def _set_checkpointing(self, enabled: bool) -> None:
+        # timm checkpoints each block in forward_features (non-reentrant unless timm's global
+        # set_reentrant_ckpt(True) was called).
+        self.model.set_grad_checkpointing(enabled)
 
 
 __all__ = ["TIMM_HEAD_PREFIXES", "TimmTower"]
