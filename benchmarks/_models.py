@@ -6,7 +6,8 @@ Everything is written locally and randomly initialised from seeds: no downloads.
   byte-level BPE ("</s>" BOS, "<pad>"), a T5-style one ("<pad>"=0, "</s>"=1 appended);
 * :func:`small_hf_blip2`: transformers' ``Blip2ForConditionalGeneration`` with the "small"
   configuration of ``../shared/docs/performance-notes.md`` (OPT or T5), saved to a directory
-  that ``qformer.Blip2.from_pretrained`` loads;
+  that ``qformer.Blip2.from_pretrained`` loads; :func:`small_hf_instructblip`: the same shapes
+  as ``InstructBlipForConditionalGeneration``;
 * :func:`tiny_stage1_model`: a tiny ``qformer.Blip2`` for the retrieval benchmark.
 """
 
@@ -68,17 +69,38 @@ def small_hf_blip2(directory: Path, kind: str, seed: int = 0):
     return save_random_hf(Blip2ForConditionalGeneration, cfg, directory, tok, seed=seed), tok, image_id
 
 
+def small_hf_instructblip(directory: Path, kind: str, seed: int = 0):
+    """transformers' InstructBlipForConditionalGeneration with the same "small" shapes (its
+    Q-Former reads text: BERT tokenizer in ``qformer_tokenizer/``, the hub layout); returns
+    (model, tokenizer, image_token_id)."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    tok = (write_seq2seq_tokenizer if kind == "t5" else write_causal_tokenizer)(directory / "tok")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    qtok = write_bert_tokenizer(directory / "qformer_tokenizer")
+    qformer = {k: v for k, v in SMALL_QFORMER.items() if k != "use_qformer_text_input"}
+    qformer.update(vocab_size=len(qtok), pad_token_id=qtok.pad_token_id)
+    cfg = InstructBlipConfig(vision_config=dict(SMALL_VISION), qformer_config=qformer,
+                             text_config=_text_config(kind, tok).to_dict(), num_query_tokens=NUM_QUERY,
+                             image_token_index=image_id)
+    model = save_random_hf(InstructBlipForConditionalGeneration, cfg, directory, tok, seed=seed)
+    qtok.save_pretrained(str(directory / "qformer_tokenizer"))
+    return model, tok, image_id
+
+
 def hf_stage2_inputs(kind: str, batch: dict, image_id: int) -> dict:
     """Our collator's batch -> transformers' inputs: ``num_query_tokens`` ``<image>``
     placeholders before the text (as transformers 5 expects), labels shifted accordingly."""
     b = batch["input_ids"].shape[0]
     ids = torch.cat([torch.full((b, NUM_QUERY), image_id), batch["input_ids"]], 1)
     am = torch.cat([torch.ones(b, NUM_QUERY, dtype=torch.long), batch["attention_mask"]], 1)
+    instruction = {k: batch[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch}
     if kind != "t5":
         labels = torch.cat([torch.full((b, NUM_QUERY), -100), batch["labels"]], 1)
-        return dict(input_ids=ids, attention_mask=am, labels=labels)
+        return dict(input_ids=ids, attention_mask=am, labels=labels, **instruction)
     return dict(input_ids=ids, attention_mask=am, labels=batch["labels"],
-                decoder_attention_mask=batch["decoder_attention_mask"])
+                decoder_attention_mask=batch["decoder_attention_mask"], **instruction)
 
 
 # ----------------------------------------------------------------------------- stage 1 tiny

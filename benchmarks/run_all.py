@@ -37,10 +37,14 @@ BENCHMARKS = {
     "matmul": ("matmul_efficiency.py", ["--rounds", "2", "--steps", "2", "--warmup", "2"],
                ["--rounds", "2", "--steps", "1", "--warmup", "1"]),
     "vision_finetune": ("vision_finetune_memory.py", [], ["--skip-estimate"]),
+    "instruct": ("stage2_step.py", ["--family", "instructblip", "--llms", "opt", "t5", "--precisions", "bf16",
+                                    "--rounds", "3", "--steps", "2", "--warmup", "2"],
+                 ["--family", "instructblip", "--llms", "opt", "--precisions", "bf16", "--rounds", "2", "--steps", "1",
+                  "--warmup", "1"]),
 }
 RESULT_NAMES = {"stage1": "stage1_step", "stage2": "stage2_step", "generation": "generation",
                 "retrieval": "retrieval_scaling", "matmul": "matmul_efficiency",
-                "vision_finetune": "vision_finetune_memory"}
+                "vision_finetune": "vision_finetune_memory", "instruct": "instruct_step"}
 
 HOW_TO_RUN = """\
 ## How to run
@@ -51,6 +55,7 @@ python benchmarks/run_all.py            # everything, then rewrites this README 
 python benchmarks/run_all.py --quick    # fewer timed steps
 python benchmarks/stage1_step.py --configs small --rounds 5 --steps 2   # one benchmark, more samples
 python benchmarks/stage2_step.py --llms opt --hf-bf16-weights
+python benchmarks/stage2_step.py --family instructblip --precisions bf16   # instruction tuning vs InstructBlip
 python benchmarks/generation.py
 python benchmarks/retrieval_scaling.py --sizes 100 200 400 800 1600 --k 16
 python benchmarks/matmul_efficiency.py

@@ -33,6 +33,12 @@ How
     ``--steps`` steps; median (± half the IQR); peak RSS during the timed steps.
 
     python benchmarks/stage2_step.py [--llms opt t5] [--rounds 3 --steps 2 --warmup 2]
+    python benchmarks/stage2_step.py --family instructblip   # instruction tuning vs InstructBlipForConditionalGeneration
+
+``--family instructblip``: the same step for an instruction-aware model (InstructBLIP): each
+row's instruction ("Question: ...? Short answer:") goes to the Q-Former beside the queries and
+to the LLM before a short answer; transformers' side is ``InstructBlipForConditionalGeneration``
+on the same weights (results in ``results/instruct_step.json``).
 """
 
 from __future__ import annotations
@@ -50,16 +56,22 @@ BATCH, TEXT_LEN, PROMPT = 16, 24, "a photo of"
 LR, WEIGHT_DECAY = 1e-4, 0.05
 
 
-def _batch(kind: str, tokenizer, llm_config):
-    """The collated text batch (our collator) and the pixels, identical on both sides."""
+def _batch(kind: str, tokenizer, llm_config, qformer_tokenizer=None):
+    """The collated text batch (our collator) and the pixels, identical on both sides. With a
+    Q-Former tokenizer (InstructBLIP): per-row instructions and short answers."""
     import _models as M
 
     from qformer.stage2 import Stage2TextCollator
 
     llm_config.prompt = PROMPT
-    llm_config.max_txt_len = TEXT_LEN
-    collate = Stage2TextCollator(tokenizer, llm_config, encoder_decoder=kind == "t5")
-    batch = collate(M.captions(BATCH, words=(12, 22), seed=0))
+    llm_config.max_txt_len = TEXT_LEN if qformer_tokenizer is None else 2 * TEXT_LEN
+    collate = Stage2TextCollator(tokenizer, llm_config, encoder_decoder=kind == "t5",
+                                 qformer_tokenizer=qformer_tokenizer, qformer_max_length=32)
+    if qformer_tokenizer is None:
+        batch = collate(M.captions(BATCH, words=(12, 22), seed=0))
+    else:
+        questions = [f"Question: {q}? Short answer:" for q in M.captions(BATCH, words=(6, 12), seed=2)]
+        batch = collate(M.captions(BATCH, words=(1, 3), seed=0), prompts=questions)
     return batch, M.pixels(BATCH, M.IMAGE_SIZE, seed=1)
 
 
@@ -69,7 +81,7 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision.startswith("bf16") else contextlib.nullcontext()
 
 
-def build_side(side: str, precision: str, kind: str, hf_dir: Path):
+def build_side(side: str, precision: str, kind: str, hf_dir: Path, family: str = "blip2"):
     """(model, step(), eval_loss()) for one side."""
     import torch
 
@@ -82,7 +94,8 @@ def build_side(side: str, precision: str, kind: str, hf_dir: Path):
         model = Blip2.from_pretrained(hf_dir, llm_dtype="float32" if precision == "fp32" else "bfloat16")
         if precision != "fp32":
             model.vision.model.to(torch.bfloat16)  # frozen ViT in bf16 (VisionConfig.dtype="bfloat16")
-        batch, px = _batch(kind, model.llm_tokenizer, model.config.llm)
+        batch, px = _batch(kind, model.llm_tokenizer, model.config.llm,
+                           model.tokenizer if family == "instructblip" else None)
         model.set_stage(2)
         objective = Stage2Objective(model)
         opt = build_optimizer(model, TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY))
@@ -91,13 +104,17 @@ def build_side(side: str, precision: str, kind: str, hf_dir: Path):
             return objective(pixel_values=px, **batch).loss
     else:
         import _models as M
-        from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+        import transformers
+        from transformers import AutoTokenizer
 
         from qformer.config import LLMConfig
+        from qformer.tokenizer import load_qformer_tokenizer
 
-        model = Blip2ForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32)
+        cls = "InstructBlipForConditionalGeneration" if family == "instructblip" else "Blip2ForConditionalGeneration"
+        model = getattr(transformers, cls).from_pretrained(str(hf_dir), dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(hf_dir))
-        batch, px = _batch(kind, tok, LLMConfig(hf_config={"model_type": kind}))
+        qtok = load_qformer_tokenizer(hf_dir / "qformer_tokenizer", add_dec=False) if family == "instructblip" else None
+        batch, px = _batch(kind, tok, LLMConfig(hf_config={"model_type": kind}), qtok)
         inputs = M.hf_stage2_inputs(kind, batch, model.config.image_token_index)
         model.requires_grad_(False)
         for m in (model.qformer, model.language_projection, model.vision_model.post_layernorm):
@@ -143,7 +160,8 @@ def build_side(side: str, precision: str, kind: str, hf_dir: Path):
 
 def worker(args) -> None:
     floor = C.worker_setup()
-    model, step, eval_loss, state, n_train = build_side(args.side, args.precision, args.llm, Path(args.workdir))
+    model, step, eval_loss, state, n_train = build_side(args.side, args.precision, args.llm, Path(args.workdir),
+                                                        args.family)
     loss0 = eval_loss()
     C.timed(step, args.warmup)
     baseline = C.rss_bytes()
@@ -159,11 +177,15 @@ def worker(args) -> None:
 def run(args) -> C.Section:
     import _models as M
 
+    instruct = args.family == "instructblip"
+    what = ("16 images, per-row instructions \"Question: ...? Short answer:\" read by the Q-Former and the LLM, "
+            "1-3 word answers") if instruct else f"16 images, prompt \"{PROMPT}\" + captions, ≤ {TEXT_LEN} text tokens"
     sec = C.Section(
-        title="Stage 2 training step: ours vs transformers Blip2ForConditionalGeneration",
+        title=("Instruction-tuning step: ours vs transformers InstructBlipForConditionalGeneration" if instruct
+               else "Stage 2 training step: ours vs transformers Blip2ForConditionalGeneration"),
         intro=(
             "One step = forward (ViT, Q-Former, projection, frozen LLM, caption cross-entropy) + backward + AdamW, "
-            f"same weights and batch (16 images, prompt \"{PROMPT}\" + captions, ≤ {TEXT_LEN} text tokens), "
+            f"same weights and batch ({what}), "
             "same trainable set. fp32 vs fp32 and bf16 autocast vs bf16 autocast (transformers keeps fp32 "
             "weights under autocast; ours holds its frozen ViT and LLM in bf16). "
             f"ABBA-alternated subprocesses, {args.warmup} warm-up steps, median of {args.rounds * args.steps} "
@@ -176,7 +198,7 @@ def run(args) -> C.Section:
     for kind in args.llms:
         hf_dir = base / kind
         C.log(f"stage2 {kind}: writing the transformers model")
-        M.small_hf_blip2(hf_dir, kind)
+        (M.small_hf_instructblip if instruct else M.small_hf_blip2)(hf_dir, kind)
         log = hf_dir / "workers.log"
         sides = []
         for prec in precisions:
@@ -188,7 +210,8 @@ def run(args) -> C.Section:
             for side, prec in sides:
                 name = f"{'transformers' if side == 'hf' else 'ours'} {prec}"
                 w = C.Worker(name, [sys.executable, __file__, "--worker", "--side", side, "--precision", prec,
-                                    "--llm", kind, "--workdir", hf_dir, "--warmup", args.warmup], log=log)
+                                    "--llm", kind, "--workdir", hf_dir, "--warmup", args.warmup,
+                                    "--family", args.family], log=log)
                 workers.append(w)
                 w.call("steps", n=0)
             C.log(f"stage2 {kind}: timing {[w.name for w in workers]}")
@@ -198,7 +221,7 @@ def run(args) -> C.Section:
                 for w in workers:
                     if w.name.startswith("ours") or w.name == "transformers fp32":
                         tag = w.name.replace(" ", "_")
-                        path = C.PROFILE_DIR / f"stage2_{kind}_{tag}.txt"
+                        path = C.PROFILE_DIR / f"{'instruct' if instruct else 'stage2'}_{kind}_{tag}.txt"
                         w.call("profile", path=str(path), title=f"stage-2 step, {kind} small, {w.name}: top ops by self CPU time")
         finally:
             for w in workers:
@@ -228,9 +251,10 @@ def run(args) -> C.Section:
         d = sec.data[kind]
         for prec in precisions:
             r = d[f"transformers {prec}"]["median_s"] / d[f"ours {prec}"]["median_s"]
-            sec.goal(f"stage 2 ({kind.upper()}, {prec}) ≥ 1.5x transformers steps/s", f"{r:.2f}x", r >= 1.5)
+            label = "instruction tuning" if instruct else "stage 2"
+            sec.goal(f"{label} ({kind.upper()}, {prec}) ≥ 1.5x transformers steps/s", f"{r:.2f}x", r >= 1.5)
             m = d[f"ours {prec}"]["peak_rss"] / d[f"transformers {prec}"]["peak_rss"]
-            sec.goal(f"stage 2 ({kind.upper()}, {prec}) peak RSS ≤ 0.8x transformers", f"{m:.2f}x", m <= 0.8)
+            sec.goal(f"{label} ({kind.upper()}, {prec}) peak RSS ≤ 0.8x transformers", f"{m:.2f}x", m <= 0.8)
     return sec
 
 
@@ -242,13 +266,15 @@ def main(argv=None):
     p.add_argument("--llm", default="opt", help=argparse.SUPPRESS)
     p.add_argument("--llms", nargs="+", default=["opt", "t5"], choices=["opt", "t5"])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--family", default="blip2", choices=["blip2", "instructblip"],
+                   help="BLIP-2 stage 2 (default) or InstructBLIP instruction tuning")
     p.add_argument("--hf-bf16-weights", action="store_true",
                    help="also time transformers with its frozen ViT and LLM cast to bf16 (under autocast)")
     C.common_arguments(p, rounds=3, steps=2, warmup=2)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
-    return C.run_and_save(run, args, "stage2_step")
+    return C.run_and_save(run, args, "instruct_step" if args.family == "instructblip" else "stage2_step")
 
 
 if __name__ == "__main__":
