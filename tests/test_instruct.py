@@ -293,3 +293,47 @@ def test_lavis_instruct_pth_loads(pair, tmp_path):
         a = Stage2Objective(ours)(pixel_values=px, **batch).loss
         b = Stage2Objective(loaded.eval())(pixel_values=px, **batch).loss
     assert abs(a - b) < 1e-6
+
+
+def test_instruction_aware_model_from_our_blip2_stage2(tmp_path):
+    """InstructBLIP starts from BLIP-2: a LAVIS-style stage-2 model (no Q-Former text parts) plus
+    the stage-1 model it came from give an instruction-aware model with the stage-2 query path
+    and projection, the stage-1 text parts, and the same (shared) LLM."""
+    from transformers import OPTConfig
+
+    from qformer import Blip2Config, QFormerConfig, VisionConfig
+    from qformer.config import LLMConfig
+    from qformer.errors import CheckpointError
+    from qformer.persistence import instruction_aware_from
+    from qformer.testing import randomize_
+
+    qtok = write_bert_tokenizer(tmp_path / "bert")
+    llm_tok = write_causal_tokenizer(tmp_path / "opt")
+    vision = VisionConfig(backend="timm", name="vit_tiny_patch16_224", image_size=32, feature_layer=-1,
+                          model_kwargs={"patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 4})
+    q = dict(vocab_size=len(qtok), hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+             max_position_embeddings=48, encoder_width=48, num_query_tokens=Q)
+    s1 = Blip2(Blip2Config(vision=vision, qformer=QFormerConfig(**q), embed_dim=32), tokenizer=qtok)
+    randomize_(s1, 1)
+    s1.save_pretrained(tmp_path / "s1")
+    opt = OPTConfig(vocab_size=len(llm_tok), hidden_size=48, num_hidden_layers=1, ffn_dim=96, num_attention_heads=4,
+                    max_position_embeddings=96, word_embed_proj_dim=48, pad_token_id=llm_tok.pad_token_id,
+                    bos_token_id=llm_tok.bos_token_id, eos_token_id=llm_tok.eos_token_id).to_dict()
+    cfg2 = Blip2Config(vision=vision, qformer=QFormerConfig(**q, text_input=False), stage1_heads=False,
+                       llm=LLMConfig(hf_config=opt, dtype="float32"))
+    s2 = Blip2(cfg2, llm_tokenizer=llm_tok)
+    randomize_(s2, 2)
+    with pytest.raises(CheckpointError, match="stage-1 model"):
+        instruction_aware_from(Blip2, s2)
+    model, report = instruction_aware_from(Blip2, s2, stage1=tmp_path / "s1")
+    assert report.ok and model.config.instruction_aware and model.llm is s2.llm
+    sd, sd1, sd2 = model.state_dict(), s1.state_dict(), s2.state_dict()
+    for k, v in sd.items():
+        if k.startswith("llm."):
+            continue
+        source = sd1 if (k.startswith("qformer.embeddings.word") or k.startswith("qformer.embeddings.position")
+                         or (k.startswith("qformer.layers.") and ".ffn." in k)) else sd2
+        assert torch.equal(v, source[k]), k
+    px = pixels(2, seed=3)
+    a = model.eval().generate(px, ["what colour?", "describe it"], num_beams=1, max_new_tokens=4)
+    assert len(a) == 2
