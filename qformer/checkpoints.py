@@ -3,7 +3,9 @@
 ``<out>/checkpoints/step-XXXXXXXX/`` holds accelerate's ``save_state`` (optimizer, scheduler,
 RNG states) plus ``model/`` (the model's trainable weights, through
 ``save_pretrained(include_frozen=False)``: the frozen ViT and LLM can be gigabytes and are
-rebuilt from the config) and ``trainer_state.json`` (step, epoch, where the data resumes).
+rebuilt from the config), ``trainer_state.json`` (step, epoch, where the data resumes) and, for
+an objective with state of its own (stage 1's momentum teacher: EMA weights and feature queue,
+``objective.checkpoint_state()``), ``objective_state.safetensors``.
 accelerate writes into a temporary directory which is renamed only when every process has
 finished, so a run killed mid-save leaves the previous checkpoint intact.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
 from .io import atomic_write_text
@@ -49,12 +51,17 @@ class CheckpointManager:
     ``save_pretrained`` writes the trainable weights."""
 
     STATE = "trainer_state.json"
+    OBJECTIVE = "objective_state.safetensors"
 
-    def __init__(self, accelerator, output_dir: Path, *, model, keep: int = 2) -> None:
+    def __init__(self, accelerator, output_dir: Path, *, model, keep: int = 2, objective=None) -> None:
+        """``objective``: the unwrapped training objective; if it has ``checkpoint_state()`` /
+        ``load_checkpoint_state(state, source=...)`` its state (the same on every rank) is saved
+        by the main process and restored on every rank."""
         self.accelerator = accelerator
         self.root = Path(output_dir) / "checkpoints"
         self.keep = keep
         self.model = model
+        self.objective = objective
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
 
@@ -103,6 +110,9 @@ class CheckpointManager:
         acc.save_state(str(tmp), safe_serialization=True)
         acc.wait_for_everyone()
         if acc.is_main_process:
+            extra = self._objective_state()
+            if extra:
+                save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / self.OBJECTIVE))
             atomic_write_text(tmp / self.STATE, state.to_json())
             if final.exists():
                 shutil.rmtree(final)
@@ -128,7 +138,28 @@ class CheckpointManager:
                 if f.is_file() and f.suffix in (".bin", ".pt", ".pth", ".pkl"):
                     safe_torch_load(f)  # raises UnsafeCheckpointError naming the file
             raise
+        self._load_objective_state(path)
         return TrainState.from_json((path / self.STATE).read_text())
+
+    def _objective_state(self) -> dict[str, torch.Tensor]:
+        get = getattr(self.objective, "checkpoint_state", None)
+        return get() if get is not None else {}
+
+    def _load_objective_state(self, path: Path) -> None:
+        load = getattr(self.objective, "load_checkpoint_state", None)
+        if load is None:
+            return
+        file = path / self.OBJECTIVE
+        if not file.is_file():
+            if self._objective_state():
+                raise CheckpointError(f"checkpoint {path} has no {self.OBJECTIVE}: it was written without the "
+                                      "objective's state (e.g. momentum distillation off); it cannot resume this run")
+            return
+        try:
+            state = load_file(str(file))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {file}: {e}") from e
+        load(state, source=str(file))
 
     def resolve(self, resume: str | os.PathLike) -> Path | None:
         """``"latest"`` -> the newest complete checkpoint (None if there is none); a path -> itself,

@@ -4,7 +4,9 @@
 ``forward(**batch, step=..., generator=...)`` runs one whole training step's model passes
 (so DDP / FSDP / DeepSpeed synchronise correctly) and returns an output with ``.loss`` and
 ``.metrics()``; after each optimizer step the loop calls ``objective.after_optimizer_step(step)``
-(stage 1 clamps its temperature there, if asked).
+(stage 1 clamps its temperature and updates its momentum teacher there, if asked). An objective's
+own state (``checkpoint_state()``, e.g. the momentum teacher's EMA weights and queue) is
+checkpointed with the model.
 
 The loop's randomness is seeded per step (:func:`qformer.training.step_seed`): dropout and the
 ITM negatives of step ``s`` on rank ``r`` depend only on (seed, s, r), the data order only on
@@ -109,7 +111,7 @@ def fit(
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train)  # stepped by hand: once per optimizer step
     wrapped, optimizer = acc.prepare(objective, optimizer)
-    ckpt = CheckpointManager(acc, run.output_dir, model=model, keep=train.keep_checkpoints)
+    ckpt = CheckpointManager(acc, run.output_dir, model=model, keep=train.keep_checkpoints, objective=objective)
     state = TrainState()
     if resume is not None:
         path = ckpt.resolve(resume)

@@ -1,4 +1,5 @@
-"""Stage-1 losses as pure functions: ITC, ITM (with hard-negative sampling) and ITG.
+"""Stage-1 losses as pure functions: ITC, ITM (with hard-negative sampling) and ITG, plus the
+optional ALBEF/BLIP terms: ITC with momentum-distilled targets and MLM (masking and loss).
 
 Each takes ``rank`` / ``world_size`` explicitly where ranks matter and runs on a single
 device with ``world_size=1`` and no process group. The semantics are BLIP-2's
@@ -27,6 +28,10 @@ class ITCOutput:
     sim_i2t: torch.Tensor  # (B, W*B): local images x global texts, divided by temp
     sim_t2i: torch.Tensor  # (B, W*B): local texts x global images, divided by temp
     positives: torch.Tensor  # (B, W*B) bool: which columns count as positives of each row
+    # Momentum distillation only (:func:`itc_momentum_loss`): the momentum model's own
+    # similarities over the same columns (no gradient), whose softmax makes the soft targets.
+    sim_i2t_m: torch.Tensor | None = None  # (B, K)
+    sim_t2i_m: torch.Tensor | None = None  # (B, K)
 
 
 def similarity_matrix(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
@@ -109,6 +114,54 @@ def itc_loss(
     return ITCOutput(loss=loss, sim_i2t=sim_i2t, sim_t2i=sim_t2i, positives=positives)
 
 
+def itc_momentum_loss(
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    temp: torch.Tensor,
+    *,
+    image_feats_m: torch.Tensor,
+    text_feats_m: torch.Tensor,
+    image_keys: torch.Tensor,
+    text_keys: torch.Tensor,
+    positives: torch.Tensor,
+    alpha: float,
+    label_smoothing: float = 0.0,
+) -> ITCOutput:
+    """ITC with momentum distillation (ALBEF / BLIP, ``../shared/docs/blip2-reference.md`` section 11).
+
+    As ALBEF and BLIP: this rank's online features are contrasted with the momentum model's
+    features (``*_keys``: the global batch's, then any queue), so no gradient crosses ranks and
+    W ranks x B rows are one process on W*B rows. Each row's target is
+    ``alpha * softmax(sim_m) + (1 - alpha) * hard``, where ``sim_m`` is the momentum model's own
+    similarity row over the same keys and ``hard`` is ITC's usual target (the positives,
+    normalised, mixed with uniform by ``label_smoothing``; 0 gives ALBEF's one-hot).
+
+    Args:
+        image_feats / text_feats: (B, Q, E) / (B, E) this rank's online features (normalised).
+        image_feats_m / text_feats_m: the same rows from the momentum model.
+        image_keys / text_keys: (K, Q, E) / (K, E) the momentum features every row is contrasted with.
+        positives: (B, K) bool, at least one per row.
+        temp: divides every similarity (the target's too, as ALBEF; it gets no gradient there).
+    """
+    sim_i2t = similarity_matrix(image_feats, text_keys) / temp  # (B, K)
+    sim_t2i = similarity_matrix(image_keys, text_feats).t() / temp  # (B, K)
+    with torch.no_grad():
+        t = temp.detach()
+        sim_i2t_m = similarity_matrix(image_feats_m, text_keys) / t
+        sim_t2i_m = similarity_matrix(image_keys, text_feats_m).t() / t
+        hard = positives.float()
+        hard = hard / hard.sum(dim=1, keepdim=True)
+        hard = (1 - label_smoothing) * hard + label_smoothing / hard.shape[1]
+        target_i2t = alpha * F.softmax(sim_i2t_m.float(), dim=1) + (1 - alpha) * hard
+        target_t2i = alpha * F.softmax(sim_t2i_m.float(), dim=1) + (1 - alpha) * hard
+    loss = (
+        -(F.log_softmax(sim_i2t.float(), dim=1) * target_i2t).sum(dim=1).mean()
+        - (F.log_softmax(sim_t2i.float(), dim=1) * target_t2i).sum(dim=1).mean()
+    ) / 2
+    return ITCOutput(loss=loss, sim_i2t=sim_i2t, sim_t2i=sim_t2i, positives=positives,
+                     sim_i2t_m=sim_i2t_m, sim_t2i_m=sim_t2i_m)
+
+
 @torch.no_grad()
 def sample_itm_negatives(
     sim_i2t: torch.Tensor,
@@ -184,13 +237,70 @@ def itg_loss(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: fl
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
+@torch.no_grad()
+def mlm_mask(
+    input_ids: torch.Tensor,
+    *,
+    mask_token_id: int,
+    vocab_size: int,
+    special_ids: list[int] | tuple[int, ...],
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking (ALBEF / BLIP-1 MLM): each non-special token is chosen with
+    ``probability``; a chosen token becomes [MASK] (80%), a random token of the vocabulary
+    (10%) or stays (10%). Special tokens ([CLS], [SEP], [PAD], [DEC] ...) are never chosen.
+
+    Three draws from ``generator`` (on ``input_ids``' device; None: torch's global RNG), in a
+    fixed order, so a seeded generator reproduces the masks exactly (exact resume).
+    Returns ``(masked_ids (B, L), labels (B, L))``: labels hold the original token where
+    chosen, -100 elsewhere.
+    """
+    dev = input_ids.device
+    chosen = torch.rand(input_ids.shape, generator=generator, device=dev) < probability
+    chosen &= ~torch.isin(input_ids, torch.tensor(list(special_ids), dtype=input_ids.dtype, device=dev))
+    how = torch.rand(input_ids.shape, generator=generator, device=dev)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=dev, dtype=input_ids.dtype)
+    masked = torch.where(chosen & (how < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
+    masked = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, masked)
+    return masked, input_ids.masked_fill(~chosen, -100)
+
+
+def mlm_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    soft_targets: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """Masked-token cross-entropy, optionally distilled: ``(1 - alpha) * CE(targets) + alpha *
+    CE(soft_targets)`` per chosen token (ALBEF's momentum MLM), averaged over the chosen tokens
+    of the GLOBAL batch.
+
+    ``logits`` (N, V) at this rank's chosen positions, ``targets`` (N,), ``soft_targets`` (N, V)
+    probabilities. The sum is divided by the number of chosen tokens over all ranks and
+    multiplied by ``world_size``, so the ranks' mean loss (what DDP's gradient average sees) is
+    exactly one process's mean on the global batch, however unevenly the masks fell.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+    total = F.nll_loss(logp, targets, reduction="sum")
+    if soft_targets is not None and alpha > 0:
+        total = (1 - alpha) * total - alpha * (logp * soft_targets.float()).sum()
+    count = all_gather_no_grad(torch.tensor([targets.numel()], device=logits.device), world_size=world_size).sum()
+    return total * world_size / count.clamp(min=1)
+
+
 __all__ = [
     "ITCOutput",
     "decoder_labels",
     "itc_loss",
+    "itc_momentum_loss",
     "itg_loss",
     "itm_labels",
     "itm_loss",
+    "mlm_loss",
+    "mlm_mask",
     "next_token_targets",
     "positive_mask",
     "sample_itm_negatives",

@@ -242,6 +242,16 @@ class Blip2Model(nn.Module):
         ).hidden  # (N, Q, D): the text positions' last-layer outputs are never used
         return self.itm_head(hidden).mean(dim=1)  # (N, 2)
 
+    def grounded_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_kv: ImageKV) -> torch.Tensor:
+        """The image-grounded encoder's text outputs (MLM, ALBEF / BLIP-1): ``[queries ; text]``,
+        bidirectional, the queries cross-attending to the image -> (N, L, D) text hidden states
+        (feed them to :meth:`lm_logits`). ``image_kv`` rows are aligned with the texts."""
+        n, q = input_ids.shape[0], self.num_query_tokens
+        mask = torch.cat([attention_mask.new_ones(n, q), attention_mask], dim=1)  # (N, Q+L)
+        hidden = self.qformer(input_ids=input_ids, query_embeds=self.query_tokens.expand(n, -1, -1),
+                              attention_mask=mask, image_kv=image_kv).hidden  # (N, Q+L, D)
+        return hidden[:, q:]
+
     def decode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_kv: list[KV]) -> torch.Tensor:
         """The image-grounded causal decoder: text sees all queries (their K/V from the
         query-only pass) and earlier text -> (B, L, D) text hidden states."""

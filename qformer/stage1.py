@@ -15,6 +15,11 @@ Work reused across passes (BLIP-2's original code recomputes it):
 * ITG vocabulary logits are computed only at positions that have a target;
 * work no loss reads is skipped: the last layer of the ITM pass computes only the query
   rows (ITM averages their head), that of the text-only pass only [CLS] (ITC's feature).
+
+Optional, off by default (ALBEF / BLIP-1; ``../shared/docs/blip2-reference.md`` section 11):
+momentum distillation (``momentum_distill``: an EMA teacher, :mod:`qformer.momentum`, gives soft
+ITC targets and, with ``momentum_queue_size``, a queue of extra negatives) and MLM
+(``mlm_weight``: masked tokens of the image-grounded encoder predicted through the LM head).
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from torch import nn
 
 from . import losses
 from .config import ConfigError, _from_dict
-from .distributed import all_reduce_max, dist_info, gather_rows
+from .distributed import all_gather_no_grad, all_reduce_max, dist_info, gather_rows
 from .med import ImageKV, cat_kv, index_kv, put_kv
 from .model import Blip2Features, Blip2Model
+from .momentum import MomentumTeacher
 
 
 @dataclass(kw_only=True)
@@ -39,7 +45,23 @@ class Stage1Config:
     """What a stage-1 step optimises (an adapter card's ``stage1.objective`` section).
 
     BLIP-2's defaults: ITC + ITM + ITG with weight 1 each, label smoothing 0.1 for ITC and ITG,
-    no temperature clamp (BLIP / ALBEF clamp it to [0.001, 0.5] after each step).
+    no temperature clamp (BLIP / ALBEF clamp it to [0.001, 0.5] after each step), no momentum
+    distillation, no MLM.
+
+    Momentum distillation (``momentum_*``, ALBEF / BLIP): an EMA copy of the Q-Former side
+    (``p_m = momentum * p_m + (1 - momentum) * p`` after each optimizer step; the tower is
+    shared, never copied) gives ITC's targets ``alpha * softmax(sim_m) + (1 - alpha) * hard``, and
+    ITC contrasts the online features with the momentum features of the global batch plus,
+    with ``momentum_queue_size`` > 0, a queue of the last N ones (ALBEF/BLIP); 0 keeps BLIP-2's
+    global-batch negatives. ``alpha`` ramps in linearly over ``momentum_alpha_ramp_steps``.
+    ITM's hard negatives are drawn, as ALBEF/BLIP draw them, from ITC's logits (the online
+    features against the momentum keys), restricted to the global batch; ``momentum_itm`` draws
+    them from the momentum model's own similarities instead.
+
+    MLM (``mlm_weight`` > 0, ALBEF / BLIP-1 / FLAVA): ``mlm_probability`` of the non-special
+    text tokens are chosen (80% [MASK], 10% random, 10% kept), the image-grounded encoder
+    (queries + text, bidirectional) predicts them through the LM head; with momentum
+    distillation the momentum model's predictions are mixed in by the same alpha.
     """
 
     itc_weight: float = 1.0
@@ -53,13 +75,42 @@ class Stage1Config:
     # process on W*B. False reproduces LAVIS (gathered features carry no gradient).
     gather_with_grad: bool = True
     clamp_temperature: bool = False
+    # Momentum distillation (ALBEF / BLIP; BLIP-2 has none).
+    momentum_distill: bool = False
+    momentum: float = 0.995
+    momentum_alpha: float = 0.4
+    momentum_alpha_ramp_steps: int = 0  # alpha ramps linearly from 0 over this many steps (0: constant)
+    momentum_queue_size: int = 0  # 0: no queue, the global batch's negatives only (BLIP-2)
+    momentum_itm: bool = False  # ITM negatives from the momentum model's similarities
+    # MLM on the image-grounded encoder (ALBEF / BLIP-1 / FLAVA): off at weight 0.
+    mlm_weight: float = 0.0
+    mlm_probability: float = 0.15
 
     def __post_init__(self) -> None:
-        if min(self.itc_weight, self.itm_weight, self.itg_weight) < 0:
+        if min(self.itc_weight, self.itm_weight, self.itg_weight, self.mlm_weight) < 0:
             raise ConfigError(f"stage-1 loss weights must be >= 0, got itc {self.itc_weight}, itm {self.itm_weight}, "
-                              f"itg {self.itg_weight}")
+                              f"itg {self.itg_weight}, mlm {self.mlm_weight}")
         if self.loss_ramp_steps < 0:
             raise ConfigError(f"loss_ramp_steps must be >= 0, got {self.loss_ramp_steps}")
+        for name in ("momentum", "momentum_alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"stage1.objective.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.momentum_alpha_ramp_steps < 0 or self.momentum_queue_size < 0:
+            raise ConfigError("stage1.objective.momentum_alpha_ramp_steps and momentum_queue_size must be >= 0")
+        if not self.momentum_distill and (self.momentum_queue_size or self.momentum_itm):
+            raise ConfigError("stage1.objective.momentum_queue_size / momentum_itm need momentum_distill: true")
+        if not 0.0 < self.mlm_probability <= 1.0:
+            raise ConfigError(f"stage1.objective.mlm_probability must be in (0, 1], got {self.mlm_probability}")
+
+    def alpha(self, step: int | None) -> float:
+        """The distillation weight at optimizer step ``step`` (None: the full alpha)."""
+        ramp = self.momentum_alpha_ramp_steps
+        return self.momentum_alpha * (1.0 if step is None or ramp == 0 else min(1.0, step / ramp))
+
+    def mlm_weight_at(self, step: int | None) -> float:
+        """MLM's weight at ``step``: it ramps in with ITM and ITG (``loss_ramp_steps``)."""
+        return stage1_loss_weights(step or 0, itm=self.mlm_weight,
+                                   ramp_steps=0 if step is None else self.loss_ramp_steps)[1]
 
     def weights(self, step: int | None) -> tuple[float, float, float]:
         """(itc, itm, itg) weights at optimizer step ``step`` (None: the full weights)."""
@@ -80,20 +131,25 @@ class Stage1Output:
     loss_itc: torch.Tensor
     loss_itm: torch.Tensor
     loss_itg: torch.Tensor
-    sim_i2t: torch.Tensor  # (B, W*B) divided by temp
+    sim_i2t: torch.Tensor  # (B, W*B) divided by temp ((B, W*B + queue) with momentum distillation)
     sim_t2i: torch.Tensor  # (B, W*B)
     itm_logits: torch.Tensor  # (3B, 2): positives, (text, neg image), (image, neg text)
     neg_image_idx: torch.Tensor  # (B,) global index of each text's negative image
     neg_text_idx: torch.Tensor  # (B,) global index of each image's negative text
     features: Blip2Features
+    loss_mlm: torch.Tensor | None = None  # only with mlm_weight > 0
+    mlm_labels: torch.Tensor | None = None  # (B, L) the masked tokens' ids, -100 elsewhere
 
     def metrics(self) -> dict[str, float]:
-        return {
+        out = {
             "loss": self.loss.item(),
             "loss_itc": self.loss_itc.item(),
             "loss_itm": self.loss_itm.item(),
             "loss_itg": self.loss_itg.item(),
         }
+        if self.loss_mlm is not None:
+            out["loss_mlm"] = self.loss_mlm.item()
+        return out
 
 
 def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -131,11 +187,42 @@ class Stage1Objective(nn.Module):
         config = config if config is not None else Stage1Config()
         self.config = dataclasses.replace(config, **overrides) if overrides else config
         self.model = model
+        c = self.config
+        # The EMA teacher (a registered submodule: it moves with the objective; its weights and
+        # queue are checkpointed through checkpoint_state, not the model's files).
+        self.teacher = MomentumTeacher(model, momentum=c.momentum, queue_size=c.momentum_queue_size) \
+            if c.momentum_distill else None
+        self._mlm_ids: tuple[int, int, list[int]] | None = None
+        if c.mlm_weight > 0:
+            tok = model.tokenizer
+            if tok is None or tok.mask_token_id is None:
+                raise ConfigError("stage1.objective.mlm_weight > 0 needs the model's Q-Former tokenizer with a "
+                                  "[MASK] token (Blip2(config, tokenizer=...))")
+            if model.qformer.lm_head is None:
+                raise ConfigError("stage1.objective.mlm_weight > 0 needs the Q-Former's LM head (qformer.lm_head)")
+            special = sorted(set(tok.all_special_ids) | {model.config.dec_token_id, model.config.qformer.pad_token_id})
+            self._mlm_ids = (tok.mask_token_id, len(tok), special)
 
     def after_optimizer_step(self, step: int) -> None:
-        """The loop's hook after each optimizer step: BLIP/ALBEF's temperature clamp, if asked."""
+        """The loop's hook after each optimizer step: BLIP/ALBEF's temperature clamp, if asked;
+        the momentum teacher's EMA update and the enqueueing of the step's momentum features."""
         if self.config.clamp_temperature:
             self.model.clamp_temperature_()
+        if self.teacher is not None:
+            self.teacher.update_()
+            self.teacher.flush_()
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """What exact resume needs beyond the model's weights: the momentum teacher's EMA
+        weights and queue (empty without momentum distillation)."""
+        return {} if self.teacher is None else self.teacher.checkpoint_state()
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+        if self.teacher is None:
+            if state:
+                raise ConfigError(f"{source} holds a momentum teacher but momentum_distill is off")
+            return
+        self.teacher.load_checkpoint_state(state, source=source)
 
     def forward(
         self,
@@ -152,6 +239,7 @@ class Stage1Objective(nn.Module):
         negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
         step: int | None = None,
         loss_weights: tuple[float, float, float] | None = None,
+        mlm_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Stage1Output:
         """One stage-1 step on this rank's batch.
 
@@ -161,19 +249,22 @@ class Stage1Objective(nn.Module):
                 tower's output (e.g. from a feature cache); or ``image_embeds`` after ln_vision.
             image_ids: (B,) optional; captions of the same image are not negatives of it.
             rank / world_size: default to the process group's (or 0 / 1 without one).
-            generator: RNG for the hard-negative draw (default: torch's global RNG).
+            generator: RNG for the hard-negative draw, then MLM's masking (default: torch's global RNG).
             negatives: pin the draw: (neg_image_idx, neg_text_idx), global indices (B,) each.
             step: optimizer steps done so far; the loss weights ramp with it
                 (``config.loss_ramp_steps``). None: the full weights.
             loss_weights: (itc, itm, itg) for this step, overriding the config's.
+            mlm_inputs: pin MLM's masking: (masked_ids, labels) (B, L) each, as :func:`losses.mlm_mask`.
         """
         if rank is None or world_size is None:
             rank, world_size = dist_info()
-        model = self.model
+        model, teacher = self.model, self.teacher
         cfg = model.config
         if image_embeds is None:
             if pixel_values is None and vision_features is None:
                 raise ValueError("Stage1Objective needs pixel_values, vision_features or image_embeds")
+            if teacher is not None and vision_features is None:  # the teacher reads the same tower output
+                vision_features = model.vision(pixel_values)  # (B, N, C)
             image_embeds = model.embed_image(pixel_values, vision_features=vision_features)  # (B, N, C)
         b = image_embeds.shape[0]
         if input_ids.shape[0] != b:
@@ -184,21 +275,36 @@ class Stage1Objective(nn.Module):
         feats = model(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask,
                       return_query_kv=True, text_cls_only=True)
 
-        # ---------------- ITC
-        itc = losses.itc_loss(
-            feats.image_feats,
-            feats.text_feats,
-            model.temperature,
-            rank=rank,
-            world_size=world_size,
-            image_ids=image_ids,
-            label_smoothing=self.config.itc_label_smoothing,
-            gather_with_grad=self.config.gather_with_grad,
-        )
+        feats_m = None
+        if teacher is not None:  # the momentum model's features of the same batch (no gradient)
+            with torch.no_grad():
+                embeds_m = image_embeds.detach() if vision_features is None else \
+                    teacher.model.embed_image(vision_features=vision_features.detach())
+                feats_m = teacher.model(image_embeds=embeds_m, input_ids=input_ids, attention_mask=attention_mask,
+                                        text_cls_only=True)
 
-        # ---------------- ITM with hard negatives
+        # ---------------- ITC
+        wb = b * world_size
+        if teacher is None:
+            itc = losses.itc_loss(
+                feats.image_feats,
+                feats.text_feats,
+                model.temperature,
+                rank=rank,
+                world_size=world_size,
+                image_ids=image_ids,
+                label_smoothing=self.config.itc_label_smoothing,
+                gather_with_grad=self.config.gather_with_grad,
+            )
+            sims = (itc.sim_i2t, itc.sim_t2i)
+        else:
+            itc = self._momentum_itc(feats, feats_m, image_ids, step=step, rank=rank, world_size=world_size)
+            sims = (itc.sim_i2t_m, itc.sim_t2i_m) if self.config.momentum_itm else (itc.sim_i2t, itc.sim_t2i)
+
+        # ---------------- ITM with hard negatives (from the global batch's columns)
         if negatives is None:
-            neg_img, neg_txt = losses.sample_itm_negatives(itc.sim_i2t, itc.sim_t2i, itc.positives, generator=generator)
+            neg_img, neg_txt = losses.sample_itm_negatives(sims[0][:, :wb], sims[1][:, :wb], itc.positives[:, :wb],
+                                                           generator=generator)
         else:
             neg_img, neg_txt = (t.to(input_ids.device) for t in negatives)
         # Texts of other ranks may be padded to other lengths: agree on one.
@@ -225,8 +331,16 @@ class Stage1Objective(nn.Module):
         logits = model.lm_logits(hidden[:, :-1][positions])  # (N, V)
         loss_itg = losses.itg_loss(logits, targets, label_smoothing=self.config.itg_label_smoothing)
 
+        # ---------------- MLM (optional): the image-grounded encoder predicts the masked tokens
+        loss = self._weighted(itc.loss, loss_itm, loss_itg, loss_weights or self.config.weights(step))
+        loss_mlm = labels_mlm = None
+        if self._mlm_ids is not None:
+            loss_mlm, labels_mlm = self._mlm(input_ids, attention_mask, feats, feats_m, mlm_inputs,
+                                             generator=generator, step=step, world_size=world_size)
+            loss = loss + self.config.mlm_weight_at(step) * loss_mlm
+
         return Stage1Output(
-            loss=self._weighted(itc.loss, loss_itm, loss_itg, loss_weights or self.config.weights(step)),
+            loss=loss,
             loss_itc=itc.loss,
             loss_itm=loss_itm,
             loss_itg=loss_itg,
@@ -236,7 +350,58 @@ class Stage1Objective(nn.Module):
             neg_image_idx=neg_img,
             neg_text_idx=neg_txt,
             features=feats,
+            loss_mlm=loss_mlm,
+            mlm_labels=labels_mlm,
         )
+
+    def _momentum_itc(self, feats: Blip2Features, feats_m: Blip2Features, image_ids: torch.Tensor | None, *,
+                      step: int | None, rank: int, world_size: int) -> losses.ITCOutput:
+        """ITC against the momentum keys ``[global batch ; queue]`` with distilled targets; the
+        global batch's momentum features are kept for the queue (enqueued after the step)."""
+        teacher = self.teacher
+        image_all = all_gather_no_grad(feats_m.image_feats, world_size=world_size)  # (WB, Q, E)
+        text_all = all_gather_no_grad(feats_m.text_feats, world_size=world_size)  # (WB, E)
+        ids_all = None if image_ids is None else all_gather_no_grad(image_ids.view(-1), world_size=world_size)
+        image_q, text_q, ids_q = teacher.queue(text_all.device)  # (n, Q, E), (n, E), (n,)
+        b = feats.text_feats.shape[0]
+        positives = losses.positive_mask(b, text_all.shape[0], rank=rank, image_ids=image_ids,
+                                         image_ids_all=ids_all, device=text_all.device)  # (B, WB)
+        queue_pos = (torch.zeros(b, ids_q.shape[0], dtype=torch.bool, device=ids_q.device) if image_ids is None
+                     else image_ids.view(-1, 1) == ids_q.view(1, -1))  # (B, n)
+        out = losses.itc_momentum_loss(
+            feats.image_feats, feats.text_feats, self.model.temperature,
+            image_feats_m=feats_m.image_feats, text_feats_m=feats_m.text_feats,
+            image_keys=torch.cat([image_all, image_q.to(image_all.dtype)]),
+            text_keys=torch.cat([text_all, text_q.to(text_all.dtype)]),
+            positives=torch.cat([positives, queue_pos], dim=1), alpha=self.config.alpha(step),
+            label_smoothing=self.config.itc_label_smoothing,
+        )
+        teacher.defer(image_all, text_all, ids_all)
+        return out
+
+    def _mlm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, feats: Blip2Features,
+             feats_m: Blip2Features | None, pinned: tuple[torch.Tensor, torch.Tensor] | None, *,
+             generator: torch.Generator | None, step: int | None, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLM's loss and labels. The image K/V come from the query-only pass; vocabulary logits
+        are computed only at the chosen positions."""
+        mask_id, vocab, special = self._mlm_ids
+        if pinned is None:
+            masked, labels = losses.mlm_mask(input_ids, mask_token_id=mask_id, vocab_size=vocab, special_ids=special,
+                                             probability=self.config.mlm_probability, generator=generator)
+        else:
+            masked, labels = (t.to(input_ids.device) for t in pinned)
+        chosen = labels != -100  # (B, L)
+        hidden = self.model.grounded_text(masked, attention_mask, feats.image.image_kv)  # (B, L, D)
+        logits = self.model.lm_logits(hidden[chosen])  # (N, V)
+        soft = None
+        if feats_m is not None:
+            with torch.no_grad():
+                teacher = self.teacher.model
+                hidden_m = teacher.grounded_text(masked, attention_mask, feats_m.image.image_kv)
+                soft = torch.softmax(teacher.lm_logits(hidden_m[chosen]).float(), dim=-1)  # (N, V)
+        loss = losses.mlm_loss(logits, labels[chosen], soft_targets=soft, alpha=self.config.alpha(step),
+                               world_size=world_size)
+        return loss, labels
 
     @staticmethod
     def _weighted(itc: torch.Tensor, itm: torch.Tensor, itg: torch.Tensor,

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                "testing")),
     ("model parts", ("med", "losses", "llm", "vision")),
     ("Blip2 features and heads", ("model",)),
-    ("objectives, generation, persistence, data", ("stage1", "stage2", "generation", "inference", "persistence", "data")),
+    ("objectives, generation, persistence, data", ("momentum", "stage1", "stage2", "generation", "inference", "persistence", "data")),
     ("the user-facing model", ("blip2",)),
     ("training", ("training", "checkpoints", "metric_log", "run", "loop", "adapters", "cli")),
     ("evaluation", ("eval",)),
