@@ -16,7 +16,10 @@ Sections::
     arch:         offline architecture of hub-hosted parts (``llm``: a transformers config dict),
                   used only to build the card on the meta device without downloads
     data:         DataConfig: per stage ``train`` / ``eval`` datasets, augmentation, columns
-    stage1:       TrainConfig fields, plus ``objective:`` (Stage1Config: loss weights, ramp ...)
+    stage1:       TrainConfig fields, plus ``objective:`` (Stage1Config: loss weights, ramp, and the
+                  optional ALBEF/BLIP terms, off by default: ``momentum_distill``, ``momentum``,
+                  ``momentum_alpha``, ``momentum_alpha_ramp_steps``, ``momentum_queue_size``,
+                  ``momentum_itm``, ``mlm_weight``, ``mlm_probability``)
     stage2:       TrainConfig fields
     instruct:     TrainConfig fields of instruction tuning (recipes/instruct.py)
     eval:         EvalConfig: per-stage evaluation settings

@@ -66,6 +66,16 @@ _OBJECTIVE_HELP = {
     "itg_label_smoothing": "label smoothing of ITG (BLIP-2: 0.1)",
     "gather_with_grad": "gather other ranks' ITC features with gradient (false reproduces LAVIS)",
     "clamp_temperature": "clamp the ITC temperature to [0.001, 0.5] after each step (BLIP/ALBEF; LAVIS BLIP-2 does not)",
+    "momentum_distill": "momentum distillation (ALBEF/BLIP): an EMA teacher of the Q-Former side gives soft ITC "
+                        "targets (BLIP-2: off)",
+    "momentum": "EMA momentum of the teacher, p_m = m p_m + (1 - m) p after each step (ALBEF/BLIP: 0.995)",
+    "momentum_alpha": "weight of the teacher's soft targets (ALBEF/BLIP: 0.4)",
+    "momentum_alpha_ramp_steps": "ramp alpha linearly from 0 over the first N steps (ALBEF: one epoch; 0 = constant)",
+    "momentum_queue_size": "queue of the last N teacher features as extra ITC negatives (ALBEF 65536, BLIP 57600; "
+                           "0 = the global batch only)",
+    "momentum_itm": "draw ITM hard negatives from the teacher's similarities (default: from ITC's logits, as ALBEF)",
+    "mlm_weight": "weight of MLM on the image-grounded encoder (ALBEF/BLIP-1; 0 = off, as BLIP-2)",
+    "mlm_probability": "share of non-special text tokens MLM masks (80%% [MASK], 10%% random, 10%% kept)",
 }
 
 
