@@ -255,6 +255,10 @@ class Stage1Objective(nn.Module):
                 (``config.loss_ramp_steps``). None: the full weights.
             loss_weights: (itc, itm, itg) for this step, overriding the config's.
             mlm_inputs: pin MLM's masking: (masked_ids, labels) (B, L) each, as :func:`losses.mlm_mask`.
+
+        With momentum distillation the teacher reads the same tower output through its own
+        ``ln_vision`` (given ``image_embeds`` instead, it reads those), and runs in the
+        objective's mode (dropout in training, as ALBEF/BLIP's momentum models).
         """
         if rank is None or world_size is None:
             rank, world_size = dist_info()
