@@ -189,7 +189,8 @@ def test_config_defaults_are_blip2_and_bad_values_are_refused(tok):
     assert Stage1Config(momentum_alpha_ramp_steps=10).alpha(None) == 0.4
     obj = Stage1Objective(_model(tok))
     assert obj.teacher is None and obj.checkpoint_state() == {}
-    assert "teacher" not in dict(obj.named_children()) or obj.teacher is None
+    assert sum(p.numel() for p in obj.parameters()) == sum(p.numel() for p in obj.model.parameters())
+    assert set(obj(**_batch(tok, range(2))).metrics()) == {"loss", "loss_itc", "loss_itm", "loss_itg"}
     for bad in (dict(momentum=1.5), dict(momentum_alpha=-0.1), dict(momentum_queue_size=8),
                 dict(momentum_itm=True), dict(mlm_weight=-1.0), dict(mlm_probability=0.0)):
         with pytest.raises(ConfigError):
