@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,7 @@ class ImageIndex:
         self.fingerprint = fingerprint
         self.directory = directory
         self._faiss: dict[str, Any] = {}
+        self._checked: tuple[weakref.ref, int] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -277,9 +279,12 @@ class ImageIndex:
         re-read and re-ranked by ITM + ITC (BLIP-2's retrieval protocol); 0: ITC alone."""
         if model.config.stage1_heads is False or model.tokenizer is None:
             raise ConfigError("search needs the ITC / ITM heads and the Q-Former tokenizer (a stage-1 model)")
-        if self.fingerprint != model_fingerprint(model):
+        versions = sum(p._version for p in model.parameters())  # changes with any in-place update
+        checked = self._checked is not None and self._checked[0]() is model and self._checked[1] == versions
+        if not checked and self.fingerprint != model_fingerprint(model):
             raise ConfigError(f"the index {self.directory or ''} was built with another model; rebuild it "
                               "(update_index re-encodes everything)")
+        self._checked = (weakref.ref(model), versions)  # this model, these weights: checked once, not per query
         texts = as_list(texts)
         was_training = model.training
         model.eval()

@@ -108,8 +108,13 @@ def test_build_holds_the_models_features_and_updates_only_what_changed(model, tm
     other = tiny_model(tmp_path / "tok2", seed=1)
     with pytest.raises(ConfigError, match="another model"):
         updated.search(other, "a dog", rerank=0)
-    _, stats = update_index(other, tmp_path / "photos", tmp_path / "index")
+    rebuilt, stats = update_index(other, tmp_path / "photos", tmp_path / "index")
     assert stats.rebuilt and stats.encoded == 8 and stats.kept == 0
+    assert len(rebuilt.search(other, "a dog", k=2, rerank=0)[0]) == 2
+    with torch.no_grad():
+        other.vision_proj.bias.add_(0.1)  # trained further in place: the features are stale
+    with pytest.raises(ConfigError, match="another model"):
+        rebuilt.search(other, "a dog", rerank=0)
 
 
 def test_a_dataset_file_indexes_each_distinct_image_once(model, tmp_path):
