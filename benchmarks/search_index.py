@@ -28,6 +28,7 @@ How
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -108,9 +109,10 @@ def run(args) -> C.Section:
     index, stats = update_index(model, workdir / "images", workdir / "index", batch_size=args.batch_size,
                                 num_workers=args.num_workers)
     update_s = time.perf_counter() - t
-    for p in extra:  # the next run starts from the same N images
-        p.unlink()
     assert stats.encoded == len(extra), stats
+    for p in extra:  # back to the N images (and the next run starts from them)
+        p.unlink()
+    update_index(model, workdir / "images", workdir / "index", batch_size=args.batch_size)
 
     # ---------------------------------------------------------------- queries
     t = time.perf_counter()
@@ -136,7 +138,8 @@ def run(args) -> C.Section:
                f"{model.vision.describe()}, {model.vision.num_tokens} tokens; Q-Former "
                f"{model.config.qformer.hidden_size} wide, {model.config.qformer.num_layers} layers, "
                f"{model.num_query_tokens} queries), {n:,} synthetic 64 px PNGs, batches of {args.batch_size}, "
-               f"{args.num_workers} DataLoader worker(s) reading images."),
+               f"{args.num_workers} DataLoader worker(s) reading images. CPU (lscpu): {C.cpu_model()}, "
+               f"{os.cpu_count()} logical CPUs."),
         data=dict(images=n, tower_s=tower_s, build_s=build_s, build_tower_s=build_tower_s, update_s=update_s,
                   update_images=len(extra), load_s=load_s, latency_s={k: v for k, v in latency.items()},
                   foreign_cores=foreign),

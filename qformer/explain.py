@@ -171,6 +171,8 @@ def _cam_rows(model: Blip2Model, ids: torch.Tensor, mask: torch.Tensor, kv, laye
 
 def _words(enc, row: int, text: str) -> tuple[list[str], list[list[int]]]:
     """The words of tokenised ``text`` (row ``row`` of ``enc``) and the token positions of each."""
+    if not enc.is_fast:
+        raise ConfigError("per-word Grad-CAM needs a fast (Rust) tokenizer, which maps tokens to words")
     ids = enc.word_ids(row)
     positions: dict[int, list[int]] = {}
     for pos, w in enumerate(ids):

@@ -276,7 +276,8 @@ class ImageIndex:
     def search(self, model: Blip2Model, texts: str | Sequence[str], *, k: int = 10, rerank: int = 16,
                backend: str = "torch", faiss_factory: str = "Flat", batch_size: int = 32) -> list[list[SearchHit]]:
         """The ``k`` best images of each text. ``rerank`` > 0: the ITC top ``max(rerank, k)`` are
-        re-read and re-ranked by ITM + ITC (BLIP-2's retrieval protocol); 0: ITC alone."""
+        re-read and re-ranked by ITM + ITC (BLIP-2's retrieval protocol; a candidate that cannot be
+        read any more is left out: update the index); 0: ITC alone."""
         if model.config.stage1_heads is False or model.tokenizer is None:
             raise ConfigError("search needs the ITC / ITM heads and the Q-Former tokenizer (a stage-1 model)")
         versions = sum(p._version for p in model.parameters())  # changes with any in-place update
@@ -300,8 +301,17 @@ class ImageIndex:
 
     def _rerank(self, model, texts, text_feats, k, rerank, backend, factory, batch_size) -> list[list[SearchHit]]:
         _, cand = self.itc_topk(text_feats, rerank, backend=backend, faiss_factory=factory)  # (T, r)
-        images = torch.unique(cand[cand >= 0])  # the candidates of every text, read once
-        pixels = model.vision.preprocess([read_image(self.items[i].ref, where=self.items[i].key) for i in images.tolist()])
+        readable, decoded = [], []
+        for i in torch.unique(cand[cand >= 0]).tolist():  # the candidates of every text, read once
+            try:
+                decoded.append(read_image(self.items[i].ref, where=self.items[i].key))
+                readable.append(i)
+            except SkipSample:  # gone or broken since the index was built: it cannot be re-ranked
+                continue
+        if not readable:
+            raise DataError("none of the candidate images can be read any more; update the index")
+        images = torch.tensor(readable)
+        pixels = model.vision.preprocess(decoded)
         embeds = torch.cat([model.embed_image(p.to(model.device)) for p in pixels.split(batch_size)])  # (C, N, C)
         sim = itc_similarity(self.features[images], text_feats)  # (C, T): ITC of the candidates
         ids, mask = tokenize(model, texts)

@@ -162,6 +162,11 @@ def test_itm_reranking_gives_retrieval_evaluations_scores(model, tmp_path):
             assert [h.key for h in row] == [index.keys[i] for i in want.tolist()]
             assert [h.score for h in row] == pytest.approx(want_scores.tolist(), abs=1e-5)
             assert all(h.itm == pytest.approx(h.score - h.itc, abs=1e-6) for h in row)
+    gone = tmp_path / "photos" / index.keys[int(ev.scores_t2i[0].argmax())]
+    gone.unlink()  # the best image of text 0 disappears: it is left out of the re-ranking
+    hits = index.search(model, texts[:1], k=3, rerank=4)[0]
+    want = [index.keys[i] for i in ev.scores_t2i[0].topk(4).indices.tolist()[1:]]
+    assert [h.key for h in hits] == want
     itc = index.search(model, texts, k=9, rerank=0)
     sim = model.similarity(pixels, texts).t()  # (T, N)
     for t, row in enumerate(itc):
