@@ -36,7 +36,8 @@ BENCHMARKS = {
     "retrieval": ("retrieval_scaling.py", ["--repeats", "2"], ["--repeats", "1"]),
     "matmul": ("matmul_efficiency.py", ["--rounds", "2", "--steps", "2", "--warmup", "2"],
                ["--rounds", "2", "--steps", "1", "--warmup", "1"]),
-    "search": ("search_index.py", ["--images", "10000", "--queries", "20"], ["--images", "2000", "--queries", "10"]),
+    "search": ("search_index.py", ["--images", "10000", "--queries", "20", "--batch-size", "256"],
+               ["--images", "2000", "--queries", "10", "--batch-size", "256"]),
 }
 RESULT_NAMES = {"stage1": "stage1_step", "stage2": "stage2_step", "generation": "generation",
                 "retrieval": "retrieval_scaling", "matmul": "matmul_efficiency", "search": "search_index"}

@@ -177,7 +177,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=10_000)
     p.add_argument("--queries", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--quiet-wait", type=float, default=10.0,
                    help="seconds to wait for other processes to go quiet before each timed block (default %(default)s)")

@@ -48,16 +48,21 @@ def upsample(maps: torch.Tensor, size: int) -> np.ndarray:
     return up.reshape(*lead, size, size).numpy()
 
 
-def _overlay(ax, image: np.ndarray, heat: np.ndarray | None, title: str, *, fontsize: float = 8) -> None:
+def _overlay(ax, image: np.ndarray, heat: np.ndarray | None, title: str, *, vmax: float | None = None,
+             fontsize: float = 8) -> None:
     ax.imshow(image)
     if heat is not None:
-        ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=max(float(heat.max()), 1e-12))
+        top = float(heat.max()) if vmax is None else vmax
+        ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=max(top, 1e-12))
     ax.set_title(title, fontsize=fontsize)
     ax.axis("off")
 
 
-def query_maps_figure(image: np.ndarray, maps: torch.Tensor, *, title: str, columns: int | None = None):
-    """The image, then each query's map over it: ``maps`` (Q, h, w) of one cross-attention layer."""
+def query_maps_figure(image: np.ndarray, maps: torch.Tensor, *, title: str, prefix: torch.Tensor | None = None,
+                      columns: int | None = None):
+    """The image, then each query's map over it: ``maps`` (Q, h, w) of one cross-attention layer;
+    ``prefix`` (Q, P): the attention on the prefix tokens (CLS ...), whose total each title shows.
+    Each map is drawn on its own scale (0 to its maximum)."""
     plt = _pyplot()
     q, size = maps.shape[0], image.shape[0]
     columns = columns or math.ceil(math.sqrt(q + 1))
@@ -68,7 +73,8 @@ def query_maps_figure(image: np.ndarray, maps: torch.Tensor, *, title: str, colu
         if k == 0:
             _overlay(ax, image, None, "image")
         elif k <= q:
-            _overlay(ax, image, heats[k - 1], f"query {k - 1}")
+            cls = "" if prefix is None or prefix.shape[-1] == 0 else f", CLS {float(prefix[k - 1].sum()):.0%}"
+            _overlay(ax, image, heats[k - 1], f"query {k - 1}{cls}")
         else:
             ax.axis("off")
     fig.suptitle(title, fontsize=9)
@@ -80,7 +86,8 @@ def gradcam_figure(image: np.ndarray, cam: torch.Tensor, *, text: str, score: fl
                    words: list[str] | None = None, word_maps: torch.Tensor | None = None,
                    word_scores: torch.Tensor | None = None):
     """The image and its Grad-CAM overlay (``cam`` (h, w)), titled with the caption and the ITM
-    match probability; with ``words``, one more panel per word (its map and logit drop)."""
+    match probability; with ``words``, one more panel per word (its map, on one scale for all
+    words, and the drop of the match logit when it is masked)."""
     plt = _pyplot()
     size = image.shape[0]
     n_words = len(words) if words is not None else 0
@@ -91,8 +98,10 @@ def gradcam_figure(image: np.ndarray, cam: torch.Tensor, *, text: str, score: fl
     flat = list(axes.flat)
     _overlay(flat[0], image, None, "image")
     _overlay(flat[1], image, upsample(cam, size), f"Grad-CAM, layer {layer}")
+    shared = float(word_maps.max()) if n_words else None  # one scale: a word that changes nothing stays dark
     for k in range(n_words):
-        _overlay(flat[2 + k], image, upsample(word_maps[k], size), f"'{words[k]}': {float(word_scores[k]):+.2f}")
+        _overlay(flat[2 + k], image, upsample(word_maps[k], size), f"'{words[k]}': {float(word_scores[k]):+.2f}",
+                 vmax=shared)
     for ax in flat[panels:]:
         ax.axis("off")
     fig.suptitle(f'"{text}"\nITM match probability {score:.3f}', fontsize=9)
@@ -129,7 +138,9 @@ def write_pictures(model: Blip2Model, images: Sequence[ImageInput], output_dir: 
     stems = [_slug(Path(name).stem) for name in names]
     for i, name in enumerate(names):
         stem = stems[i] if stems.count(stems[i]) == 1 else f"{i}-{stems[i]}"  # two a.jpg from two folders
-        fig = query_maps_figure(shown[i], per_layer[i], title=f"{name}: each query's cross-attention, layer {layer}")
+        prefix = maps.prefix[:, maps.layers.index(layer)]  # (B, Q, P)
+        fig = query_maps_figure(shown[i], per_layer[i], prefix=prefix[i],
+                                title=f"{name}: each query's cross-attention, layer {layer}")
         entry: dict[str, Any] = {"image": name, "queries": str(save_figure(fig, output_dir / f"queries_{stem}.png")),
                                  "gradcam": []}
         if texts:
