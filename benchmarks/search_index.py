@@ -80,10 +80,11 @@ def run(args) -> C.Section:
     pixels = model.vision.preprocess([str(p) for p in paths[: args.batch_size]])  # warm-up
     model.vision(pixels)
     pixels = torch.cat([model.vision.preprocess([str(p) for p in paths[s:s + 1000]]) for s in range(0, n, 1000)])
-    C.wait_for_quiet(args.quiet_wait)
-    tower_block = C.timed_block(lambda: [model.vision(b) for b in pixels.split(args.batch_size)], 1)
-    tower_s = tower_block["times"][0]
-    del pixels
+    def tower_alone() -> dict:
+        C.wait_for_quiet(args.quiet_wait)
+        return C.timed_block(lambda: [model.vision(b) for b in pixels.split(args.batch_size)], 1)
+
+    tower_blocks = [tower_alone()]
 
     # ---------------------------------------------------------------- build
     inner = model.vision.forward
@@ -102,6 +103,10 @@ def run(args) -> C.Section:
                                                     batch_size=args.batch_size, num_workers=args.num_workers), 1)
     build_s, build_tower_s = build_block["times"][0], in_tower[0]
     model.vision.forward = inner
+    tower_blocks.append(tower_alone())  # before and after the build: the faster one is the floor
+    tower_block = min(tower_blocks, key=lambda b: b["times"][0])
+    tower_s = tower_block["times"][0]
+    del pixels
 
     # ---------------------------------------------------------------- update (+1%)
     extra = write_images(workdir / "images", n + max(1, n // 100))[n:]
@@ -132,6 +137,8 @@ def run(args) -> C.Section:
 
     foreign = max(tower_block["foreign_cores"], build_block["foreign_cores"])
     quiet = foreign <= C.QUIET_CORES
+    sec_note = (f"other processes kept {foreign:.2f} cores busy during the tower / build blocks (quiet: <= "
+                f"{C.QUIET_CORES}); the goal is judged only on a quiet machine")
     sec = C.Section(
         title=f"Image search: index build and query ({n:,} images)",
         intro=(f"`qformer.search` on a random model whose tower dominates the image path as in BLIP-2 (tower "
@@ -142,10 +149,12 @@ def run(args) -> C.Section:
                f"{os.cpu_count()} logical CPUs."),
         data=dict(images=n, tower_s=tower_s, build_s=build_s, build_tower_s=build_tower_s, update_s=update_s,
                   update_images=len(extra), load_s=load_s, latency_s={k: v for k, v in latency.items()},
-                  foreign_cores=foreign),
+                  foreign_cores=foreign, tower_passes_s=[b["times"][0] for b in tower_blocks]),
     )
     sec.add_table("", ["step", "seconds", "per image"], [
-        ["tower alone, preprocessed pixels in memory", f"{tower_s:.1f}", f"{tower_s / n * 1e3:.2f} ms"],
+        ["tower alone, preprocessed pixels in memory (faster of two passes: "
+         + ", ".join(f"{b['times'][0]:.1f} s" for b in tower_blocks) + ")", f"{tower_s:.1f}",
+         f"{tower_s / n * 1e3:.2f} ms"],
         ["index build from the files (total)", f"{build_s:.1f}", f"{build_s / n * 1e3:.2f} ms"],
         ["... of which inside the tower", f"{build_tower_s:.1f}", f"{build_tower_s / n * 1e3:.2f} ms"],
         [f"update after adding {len(extra)} images", f"{update_s:.2f}", ""],
@@ -158,6 +167,7 @@ def run(args) -> C.Section:
     sec.notes.append("build / tower = %.2f: the build reads every PNG, preprocesses it, runs the tower, ln_vision, "
                      "the Q-Former and the ITC projection, and writes features.safetensors + index.json."
                      % (build_s / tower_s))
+    sec.notes.append(sec_note)
     sec.notes.append("Re-ranking re-reads and re-encodes the candidates (the index stores ITC features, not the "
                      "tower's tokens: 65 x 192 floats per image here, 257 x 1408 for ViT-g).")
     sec.goal(f"index build of {n:,} images within 10% of the tower's time on them",
