@@ -41,10 +41,12 @@ BENCHMARKS = {
                                     "--rounds", "3", "--steps", "2", "--warmup", "2"],
                  ["--family", "instructblip", "--llms", "opt", "--precisions", "bf16", "--rounds", "2", "--steps", "1",
                   "--warmup", "1"]),
+    "search": ("search_index.py", ["--images", "10000", "--queries", "20", "--batch-size", "256"],
+               ["--images", "2000", "--queries", "10", "--batch-size", "256"]),
 }
 RESULT_NAMES = {"stage1": "stage1_step", "stage2": "stage2_step", "generation": "generation",
                 "retrieval": "retrieval_scaling", "matmul": "matmul_efficiency",
-                "vision_finetune": "vision_finetune_memory", "instruct": "instruct_step"}
+                "vision_finetune": "vision_finetune_memory", "instruct": "instruct_step", "search": "search_index"}
 
 HOW_TO_RUN = """\
 ## How to run
@@ -60,6 +62,7 @@ python benchmarks/generation.py
 python benchmarks/retrieval_scaling.py --sizes 100 200 400 800 1600 --k 16
 python benchmarks/matmul_efficiency.py
 python benchmarks/vision_finetune_memory.py   # fine-tuning with the vision tower unfrozen: memory
+python benchmarks/search_index.py --images 10000 --workdir /tmp/search-bench   # keeps the 10,000 PNGs for reruns
 ```
 
 The LAVIS side needs the oracle venv (`.venv-lavis`, or `QFORMER_LAVIS_PYTHON=/path/to/python`) and
@@ -170,6 +173,10 @@ def main(argv=None) -> int:
     else:
         info = C.machine_info()
     if not args.readme_only:
+        if run_file.exists() and set(args.only) != set(BENCHMARKS):  # a partial run: keep the others' record
+            last = json.loads(run_file.read_text())
+            durations = {k: v for k, v in last["durations"].items() if k not in args.only}
+            failures = {k: v for k, v in last["failures"].items() if k not in args.only}
         for name in args.only:
             rc, dt = run_benchmark(name, args.quick, args.quiet_wait, [])
             durations[name] = dt

@@ -5,6 +5,7 @@ generation (:mod:`qformer.generation`) and persistence (:mod:`qformer.persistenc
     model = Blip2.from_pretrained("runs/toy/stage2/model")
     model.caption(images); model.answer(images, questions)
     model.similarity(images, texts); model.itm(images, texts)
+    model.attention_maps(images); model.gradcam(images, texts)
     model.save_pretrained("out/model"); model.export_transformers("out/hf")
 """
 
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import generation, inference
+from . import explain, generation, inference
 from .images import ImageInput
 from .model import Blip2Model
 from .video import VideoInput
@@ -52,6 +53,18 @@ class Blip2(Blip2Model):
     def text_features_of(self, texts: str | Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
         """(N, E) normalised text embeddings of raw strings."""
         return inference.text_features_of(self, texts, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ where the queries look
+    def attention_maps(self, images: ImageInput, *, batch_size: int = 64) -> explain.AttentionMaps:
+        """Each query's cross-attention over the image patches, per cross-attention layer, averaged
+        over heads: ``.maps`` (B, layers, Q, h, w), ``.prefix`` (CLS ...); see :mod:`qformer.explain`."""
+        return explain.attention_maps(self, images, batch_size=batch_size)
+
+    def gradcam(self, images: ImageInput, texts: str | Sequence[str], *, layer: int | None = None,
+                words: bool = False, batch_size: int = 16) -> explain.GradCam:
+        """Grad-CAM of the ITM match score of each (image, text) pair over the patches (``.maps``
+        (N, h, w)), per word with ``words=True``; see :func:`qformer.explain.gradcam`."""
+        return explain.gradcam(self, images, texts, layer=layer, words=words, batch_size=batch_size)
 
     # ------------------------------------------------------------------ generation
     def generate(self, images: ImageInput | None = None, prompt: str | Sequence[str] | None = None,

@@ -9,6 +9,7 @@ methods (``model.similarity(images, texts)``, ``model.itm(images, texts)``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,14 +19,23 @@ from .losses import similarity_matrix
 from .med import expand_kv
 from .model import Blip2Model
 
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import BatchEncoding
+
+
+def encode_texts(model: Blip2Model, texts: Sequence[str]) -> "BatchEncoding":
+    """``texts`` through the model's Q-Former tokenizer (padded, ``max_txt_len``), on the CPU; the
+    encoding keeps the word / character maps (:mod:`qformer.explain` masks words with them)."""
+    if model.tokenizer is None:
+        raise ValueError("this model has no Q-Former tokenizer; build it with Blip2(config, tokenizer=...)")
+    return model.tokenizer(
+        list(texts), padding=True, truncation=True, max_length=model.config.max_txt_len, return_tensors="pt"
+    )
+
 
 def tokenize(model: Blip2Model, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of ``texts`` with the model's Q-Former tokenizer, on its device."""
-    if model.tokenizer is None:
-        raise ValueError("this model has no Q-Former tokenizer; build it with Blip2(config, tokenizer=...)")
-    enc = model.tokenizer(
-        list(texts), padding=True, truncation=True, max_length=model.config.max_txt_len, return_tensors="pt"
-    )
+    enc = encode_texts(model, texts)
     return enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
 
 
@@ -85,4 +95,4 @@ def itm(model: Blip2Model, images: ImageInput, texts: str | Sequence[str], *, ba
     return torch.cat(probs)
 
 
-__all__ = ["image_features_of", "itm", "similarity", "text_features_of", "tokenize"]
+__all__ = ["encode_texts", "image_features_of", "itm", "similarity", "text_features_of", "tokenize"]

@@ -24,6 +24,7 @@ masks (``True`` = may attend).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,10 @@ class MEDAttention(nn.Module):
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.dropout = nn.Dropout(hidden_dropout)
+        # Opt-in: when set, attention is computed explicitly and the probabilities (B, H, L, N)
+        # are handed to this callback, which returns the tensor to continue with (the same one, or
+        # a leaf to differentiate against: qformer.explain). None keeps the fused SDPA kernel.
+        self.probs_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -108,7 +113,9 @@ class MEDAttention(nn.Module):
         q = self._heads(self.query(x))  # (B, H, L, Dh)
         k, v = kv
         dropout = self.attention_dropout if self.training else 0.0
-        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        if self.probs_hook is not None:
+            ctx = self._explicit(q, k, v, mask, dropout)
+        elif q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             # On CPU, SDPA's flash kernel is slower than its math kernel in bf16 for the short
             # sequences of a Q-Former (its backward dominated a training step); in fp32 the
             # flash kernel is the faster one. Measured in benchmarks/ (stage-1 step profiles).
@@ -118,6 +125,17 @@ class MEDAttention(nn.Module):
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, L, Dh)
         ctx = ctx.transpose(1, 2).reshape(x.shape)  # (B, L, D)
         return self.layer_norm(self.dropout(self.dense(ctx)) + x)
+
+    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  dropout: float) -> torch.Tensor:
+        """``softmax(QK^T / sqrt(d) + mask) V`` with the probabilities materialised and passed to
+        :attr:`probs_hook` (before dropout, as the maps of BLIP / ALBEF are), same result as SDPA."""
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, H, L, N)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(q.dtype)  # (B, H, L, N)
+        probs = self.probs_hook(probs)
+        return F.dropout(probs, dropout, training=dropout > 0) @ v  # (B, H, L, Dh)
 
 
 class MEDFeedForward(nn.Module):

@@ -70,6 +70,20 @@ def test_retrieval_scaling_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "results" / "retrieval_scaling.json").exists()
 
 
+@pytest.mark.slow
+def test_search_index_smoke(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "RESULTS_DIR", tmp_path / "results")
+    import search_index
+
+    sec = search_index.main(["--images", "40", "--queries", "2", "--batch-size", "16", "--num-workers", "0",
+                             "--quiet-wait", "0", "--workdir", str(tmp_path)])
+    d = sec.data
+    assert d["images"] == 40 and d["update_images"] == 1
+    assert 0 < d["build_tower_s"] <= d["build_s"] and d["tower_s"] > 0
+    assert {"ITC, matrix product", "ITC, faiss (exact)", "ITC top-16 + ITM re-rank"} <= set(d["latency_s"])
+    assert len(sec.goals) == 2 and (tmp_path / "results" / "search_index.json").exists()
+
+
 def test_readme_only_rebuild_keeps_the_runs_machine_and_embeds_the_analysis(tmp_path, monkeypatch):
     import json
 

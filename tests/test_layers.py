@@ -17,10 +17,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                "testing")),
     ("model parts", ("med", "losses", "llm", "vision")),
     ("Blip2 features and heads", ("model",)),
-    ("objectives, generation, persistence, data", ("momentum", "stage1", "stage2", "generation", "inference", "persistence", "data")),
+    ("objectives, generation, persistence, data", ("momentum", "stage1", "stage2", "generation", "inference", "explain",
+                                                   "figures", "persistence", "data")),
     ("the user-facing model", ("blip2",)),
     ("training", ("training", "checkpoints", "metric_log", "run", "loop", "adapters", "cli")),
-    ("evaluation", ("eval",)),
+    ("evaluation", ("eval", "search")),
     ("recipes' glue", ("recipe",)),
     ("plugins' own worlds", ("toy",)),
 ]

@@ -204,6 +204,7 @@ def rerank_with_itm(
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = False,
+    directions: Sequence[str] = ("i2t", "t2i"),
 ) -> SimMatrices:
     """Re-rank the ITC top-k of every query in both directions with the ITM scorer.
 
@@ -217,6 +218,9 @@ def rerank_with_itm(
         rank, world_size: default to the process group's (or 0, 1 without one). Every rank
             must call this with the same ``sim`` shape; the returned matrices are complete on
             every rank.
+        directions: which queries to re-rank: ``"i2t"`` (images -> texts), ``"t2i"`` or both;
+            a direction left out gets no candidates (its matrix is all ``-inf``, its k is 0),
+            e.g. text search over images (:mod:`qformer.search`).
     """
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
@@ -226,12 +230,17 @@ def rerank_with_itm(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     sim = sim.float()
     ni, nt = sim.shape
+    unknown = set(directions) - {"i2t", "t2i"}
+    if unknown or not directions:
+        raise ValueError(f"directions must be 'i2t' and/or 't2i', got {list(directions)}")
     k_i2t, k_t2i = min(k, nt), min(k, ni)
     if combine == "itc":
         return SimMatrices(sim.clone(), sim.t().contiguous(), 0, nt, ni)
     if itm_scorer is None:
         raise ValueError(f"combine={combine!r} needs an ITM scorer")
     rank, world_size = resolve_dist(rank, world_size)
+    k_i2t = k_i2t if "i2t" in directions else 0
+    k_t2i = k_t2i if "t2i" in directions else 0
 
     # One candidate set for all ranks, whatever their numerics: rank 0's.
     top_i2t = broadcast_(sim.topk(k_i2t, dim=1).indices, world_size=world_size)  # (Ni, k)

@@ -124,6 +124,18 @@ class VisionTower(nn.Module):
         """Turn the backend's own activation checkpointing of the blocks on or off."""
         raise NotImplementedError
 
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(rows, columns) of the patch grid at ``config.image_size``: the output's patch tokens,
+        row-major after the prefix tokens (16x16 for EVA ViT-g/14 at 224 px)."""
+        raise NotImplementedError
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch grid in the output (CLS, register tokens): 1 for EVA / CLIP, 0 for SigLIP."""
+        rows, cols = self.grid_size
+        return self.num_tokens - rows * cols
+
     # -- shared -----------------------------------------------------------------------------------
 
     def load_weights(self, state: Mapping[str, torch.Tensor], *, source: str = "state dict") -> None:

@@ -119,6 +119,11 @@ class HFTower(VisionTower):
     def num_tokens(self) -> int:
         return int(self.model.embeddings.num_positions)
 
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        side = int(self.model.config.image_size) // int(self.model.config.patch_size)
+        return side, side  # the class token (BLIP-2, CLIP; none in SigLIP) comes first
+
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         # The post-layernorm and SigLIP's head were removed, so hidden state `num_blocks` (the output
         # of the last kept layer; index 0 is the embeddings) is also last_hidden_state. Asking for

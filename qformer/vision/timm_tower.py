@@ -66,6 +66,11 @@ class TimmTower(VisionTower):
     def num_tokens(self) -> int:
         return int(self.model.patch_embed.num_patches) + int(getattr(self.model, "num_prefix_tokens", 0))
 
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        rows, cols = self.model.patch_embed.grid_size
+        return int(rows), int(cols)
+
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)  # pruned: block `feature_layer`'s output, no norm
 
