@@ -128,15 +128,22 @@ def load_llm(cfg: LLMConfig, *, path: str | None = None) -> nn.Module:
     model.eval()
     use_vocab_head(model)
     if cfg.lora is not None:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-        if quant is not None:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-            model.requires_grad_(False)
-        lora = dict(cfg.lora)
-        lora.setdefault("task_type", "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM")
-        model = get_peft_model(model, LoraConfig(**lora))
+        model = add_lora(model, cfg.lora, quantized=quant is not None)
     return model
+
+
+def add_lora(model: nn.Module, lora: dict[str, Any], *, quantized: bool = False) -> nn.Module:
+    """Wrap a frozen LLM with fresh LoRA adapters (peft ``LoraConfig`` fields); only they train."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if hasattr(model, "peft_config"):
+        raise ConfigError("this LLM already has LoRA adapters")
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model.requires_grad_(False)
+    lora = dict(lora)
+    lora.setdefault("task_type", "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM")
+    return get_peft_model(model, LoraConfig(**lora))
 
 
 def base_llm(model: nn.Module) -> nn.Module:

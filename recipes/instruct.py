@@ -28,7 +28,7 @@ from qformer.eval.instruct import INSTRUCT_VQA_TEMPLATE, comparison_table, image
 from qformer.eval.tasks import evaluate_vqa, load_vqa_questions
 from qformer.eval.vqa import VQADecodeSettings
 from qformer.io import atomic_write_text
-from qformer.llm import is_encoder_decoder
+from qformer.llm import add_lora, is_encoder_decoder
 from qformer.loop import fit
 from qformer.persistence import instruction_aware_from
 from qformer.recipe import default_init_from, feature_cache_for, finish_recipe, start_recipe
@@ -46,9 +46,13 @@ def main() -> None:
     # ---------------------------------------------------------------- model
     # InstructBLIP starts from BLIP-2: same tower, LLM, queries, Q-Former and projection; the
     # Q-Former now also reads the instruction, with the text parts stage 1 trained.
-    blip2 = Blip2.from_pretrained(init_from)
+    llm = card.blip2_config(stage=2).llm  # the card's LLM settings: dtype, 8-/4-bit, LoRA (as stage 2)
+    blip2 = Blip2.from_pretrained(init_from, llm_dtype=llm.dtype, llm_quantization=llm.quantization)
     model, report = instruction_aware_from(Blip2, blip2, stage1=stage1_from if stage1_from.is_dir() else None)
     run.print(report)
+    if llm.lora is not None and model.config.llm.lora is None:  # fresh LoRA adapters train with the Q-Former
+        model.llm = add_lora(model.llm, llm.lora, quantized=llm.quantization is not None)
+        model.config.llm.lora = dict(llm.lora)
     model.set_stage(2)  # the query path, the instruction's text parts and the projection train
     model.qformer.set_gradient_checkpointing(train.gradient_checkpointing)
     run.print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M")
