@@ -181,11 +181,12 @@ def extract_llm(path: Path, llm_config: LLMConfig, llm_sd: dict[str, torch.Tenso
     return str(target)
 
 
-def load_hf_generation(cls, path: Path, meta: dict, opts: LoadOptions) -> tuple["Blip2Model", LoadReport]:
-    """transformers ``Blip2ForConditionalGeneration`` (Salesforce/blip2-opt-*, blip2-flan-t5-*)."""
-    config = blip2_config_from_hf(meta, path)
-    if config.llm is None:
-        raise CheckpointError(f"{path}: a Blip2ForConditionalGeneration config without text_config")
+def load_generation_model(
+    cls, path: Path, config: Blip2Config, opts: LoadOptions, *, tokenizer: Any, convert
+) -> tuple["Blip2Model", LoadReport]:
+    """A transformers generation directory (BLIP-2 or InstructBLIP) into ``cls``: the frozen LLM
+    built from its ``language_model.*`` weights (or written out for bitsandbytes when quantised),
+    its tokenizer and end of text, then the rest through ``convert`` (a key map to ours), strictly."""
     override_llm(config, opts)
     sd = read_hf_weights(path)
     llm_sd = {k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")}
@@ -199,12 +200,20 @@ def load_hf_generation(cls, path: Path, meta: dict, opts: LoadOptions) -> tuple[
         llm = build_llm_from_state_dict(config.llm, llm_sd, source=str(path))
     tok = llm_tokenizer(opts.llm_tokenizer, path)
     adopt_end_of_text(config.llm, tok)
-    model = cls(config, tokenizer=None, llm_tokenizer=tok, llm=llm)
-    rest = {k: v for k, v in sd.items() if not k.startswith("language_model.")}
-    converted = hf_retrieval_to_ours(rest, vision_prefix=VISION_PREFIX)
+    model = cls(config, tokenizer=tokenizer, llm_tokenizer=tok, llm=llm)
+    converted = convert({k: v for k, v in sd.items() if not k.startswith("language_model.")})
     elsewhere = {k: f"frozen LLM from {path} (language_model.*)" for k in frozen_llm_keys(model)}
     report = load_into(model, converted, source=str(path), strict=opts.strict, elsewhere=elsewhere)
     return model, report
+
+
+def load_hf_generation(cls, path: Path, meta: dict, opts: LoadOptions) -> tuple["Blip2Model", LoadReport]:
+    """transformers ``Blip2ForConditionalGeneration`` (Salesforce/blip2-opt-*, blip2-flan-t5-*)."""
+    config = blip2_config_from_hf(meta, path)
+    if config.llm is None:
+        raise CheckpointError(f"{path}: a Blip2ForConditionalGeneration config without text_config")
+    return load_generation_model(cls, path, config, opts, tokenizer=None,
+                                 convert=lambda sd: hf_retrieval_to_ours(sd, vision_prefix=VISION_PREFIX))
 
 
 __all__ = [
@@ -215,6 +224,7 @@ __all__ = [
     "build_llm_from_state_dict",
     "is_generation",
     "is_hf_blip2",
+    "load_generation_model",
     "load_hf_generation",
     "load_hf_retrieval",
 ]

@@ -20,11 +20,10 @@ from ..config import Blip2Config, LLMConfig
 from ..errors import CheckpointError
 from ..llm import checkpoint_eos_ids
 from ..tokenizer import load_qformer_tokenizer
-from ..weights import read_hf_weights
-from .common import VISION_PREFIX, LoadOptions, frozen_llm_keys, llm_tokenizer, override_llm, read_json
-from .hf import extract_llm, hf_blip2_parts, adopt_end_of_text, build_llm_from_state_dict
+from .common import VISION_PREFIX, LoadOptions, read_json
+from .hf import hf_blip2_parts, load_generation_model
 from .keymaps import Converted, hf_retrieval_to_ours, ours_to_hf_retrieval
-from .report import LoadReport, load_into
+from .report import LoadReport
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import Blip2Model
@@ -109,24 +108,8 @@ def instruction_tokenizer(tokenizer, path: Path):
 def load_hf_instructblip(cls, path: Path, meta: dict, opts: LoadOptions) -> tuple["Blip2Model", LoadReport]:
     """transformers ``InstructBlipForConditionalGeneration`` / ``InstructBlipVideoForConditionalGeneration``."""
     config = instructblip_config_from_hf(meta, path)
-    override_llm(config, opts)
-    sd = read_hf_weights(path)
-    llm_sd = {k[len("language_model."):]: v for k, v in sd.items() if k.startswith("language_model.")}
-    if not llm_sd:
-        raise CheckpointError(f"{path}: no language_model.* weights")
-    if config.llm.quantization is not None:
-        config.llm.path = extract_llm(path, config.llm, llm_sd)
-        config.llm.hf_config = None
-        llm = None
-    else:
-        llm = build_llm_from_state_dict(config.llm, llm_sd, source=str(path))
-    tok = llm_tokenizer(opts.llm_tokenizer, path)
-    adopt_end_of_text(config.llm, tok)
-    model = cls(config, tokenizer=instruction_tokenizer(opts.tokenizer, path), llm_tokenizer=tok, llm=llm)
-    converted = instructblip_to_ours({k: v for k, v in sd.items() if not k.startswith("language_model.")})
-    elsewhere = {k: f"frozen LLM from {path} (language_model.*)" for k in frozen_llm_keys(model)}
-    report = load_into(model, converted, source=str(path), strict=opts.strict, elsewhere=elsewhere)
-    return model, report
+    return load_generation_model(cls, path, config, opts, tokenizer=instruction_tokenizer(opts.tokenizer, path),
+                                 convert=instructblip_to_ours)
 
 
 __all__ = [
