@@ -195,6 +195,15 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+@pytest.fixture
+def chromium() -> str:
+    """Debian's Chromium, or a skip that says why (before any server is started for nothing)."""
+    if not Path(chromium_path()).is_file():
+        pytest.skip(f"no Chromium at {chromium_path()} (apt-get install chromium; .ci/run installs it)")
+    pytest.importorskip("playwright", reason="Playwright's Python package (the test extra) is not installed")
+    return chromium_path()
+
+
 @pytest.fixture(scope="module")
 def server(paths, tmp_path_factory):
     """``python -m qformer.demo`` on a free port, its TMPDIR a fresh folder; stopped with Ctrl+C."""
@@ -223,6 +232,7 @@ def server(paths, tmp_path_factory):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_server_serves_the_page_and_the_api_on_localhost(server, paths):
     assert server["url"].startswith("http://127.0.0.1:")
     status, page = _request(server["url"])
@@ -242,6 +252,7 @@ def test_server_serves_the_page_and_the_api_on_localhost(server, paths):
     assert work.name.startswith("qformer-demo-") and (work / "index" / "index.json").is_file()
 
 
+@pytest.mark.slow
 def test_server_refuses_with_a_sentence(server):
     url = server["url"]
     status, out = _request(url + "api/caption", data=b"just some text, not a picture")
@@ -259,17 +270,15 @@ def test_server_refuses_with_a_sentence(server):
     assert status == 200
 
 
+@pytest.mark.slow
 @pytest.mark.browser
-def test_browser_uploads_captions_searches_and_screenshots(server, paths, tmp_path):
-    if not Path(chromium_path()).is_file():
-        pytest.skip(f"no Chromium at {chromium_path()} (apt-get install chromium; .ci/run installs it)")
-    pytest.importorskip("playwright", reason="Playwright's Python package (the test extra) is not installed")
+def test_browser_uploads_captions_searches_and_screenshots(chromium, server, paths, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("these are not pixels")
     start = time.time()
     seen = visit(server["url"], image=paths["images"] / "white_1.png", search="a white square", explain=True,
-                 question="what is it?",
-                 not_an_image=notes, screenshots=tmp_path / "shots", timeout_s=60)
+                 question="what is it?", not_an_image=notes, screenshots=tmp_path / "shots", executable=chromium,
+                 timeout_s=60)
     assert time.time() - start < 60
     assert "not an image" in seen.refusal
     captioner = Blip2.from_pretrained(paths["stage2"]).eval()
@@ -284,6 +293,7 @@ def test_browser_uploads_captions_searches_and_screenshots(server, paths, tmp_pa
         assert shot.width == 1240 and shot.height >= 820
 
 
+@pytest.mark.slow
 def test_server_stops_and_leaves_nothing_behind(server, paths):
     proc = server["proc"]
     proc.send_signal(signal.SIGINT)

@@ -3,8 +3,8 @@ ask about it, search by text, explain a caption; screenshot each tab. The end-to
 the README's screenshots both run this.
 
     python -m qformer.demo --model runs/toy/stage2/model --stage1 runs/toy/stage1/model --images toy &
-    python -m qformer.demo.browser --url http://127.0.0.1:7860/ --image IMAGE --question "what colour is the circle?" \\
-        --search "a red circle" --screenshots docs/images
+    python -m qformer.demo.browser --url http://127.0.0.1:7860/ --image IMAGE --question "what colour is the square?" \\
+        --search "a big red heart" --screenshots docs/images --prefix demo_
 
 The browser is the system's Chromium (Debian: ``apt-get install chromium``), started by
 Playwright's Python package (``pip install playwright``; its own browser download is never
@@ -49,10 +49,12 @@ class PageVisit:
 
 
 def visit(url: str, *, image: Path, search: str | None = None, question: str | None = None, explain: bool = False,
-          not_an_image: Path | None = None, screenshots: Path | None = None, executable: str | None = None,
-          timeout_s: float = 60.0, width: int = 1240, height: int = 820) -> PageVisit:
-    """Open ``url`` and use every tab the arguments ask for; screenshots go to ``screenshots``
-    (``caption.png``, ``answer.png``, ``search.png``, ``explain.png``, ``refused.png``)."""
+          explain_text: str = "", not_an_image: Path | None = None, screenshots: Path | None = None,
+          prefix: str = "", executable: str | None = None, timeout_s: float = 60.0, width: int = 1240,
+          height: int = 820) -> PageVisit:
+    """Open ``url`` and use every tab the arguments ask for (``explain_text``: the caption to
+    explain, default the model's own); screenshots go to ``screenshots`` as ``PREFIXcaption.png``,
+    ``PREFIXanswer.png``, ``PREFIXsearch.png``, ``PREFIXexplain.png`` (and ``PREFIXrefused.png``)."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
@@ -77,8 +79,9 @@ def visit(url: str, *, image: Path, search: str | None = None, question: str | N
             def shot(name: str) -> None:
                 if screenshots is not None:
                     screenshots.mkdir(parents=True, exist_ok=True)
-                    page.screenshot(path=str(screenshots / f"{name}.png"), full_page=True)
-                    out.screenshots.append(str(screenshots / f"{name}.png"))
+                    path = screenshots / f"{prefix}{name}.png"
+                    page.screenshot(path=str(path), full_page=True)
+                    out.screenshots.append(str(path))
 
             def tab(name: str) -> None:
                 page.click(f"nav button[data-tab='{name}']")
@@ -119,6 +122,7 @@ def visit(url: str, *, image: Path, search: str | None = None, question: str | N
                 shot("search")
             if explain and "explain" not in out.unavailable:
                 tab("explain")
+                page.fill("#explain-text", explain_text)
                 run("explain-run")
                 page.wait_for_function("() => ['gradcam', 'attention'].every(i => document.getElementById(i).complete)")
                 out.explain_meta = page.text_content("#explain-meta") or page.text_content("#explain-error") or ""
@@ -137,13 +141,16 @@ def main(argv: list[str] | None = None) -> PageVisit:
     p.add_argument("--image", type=Path, required=True, help="the image to upload")
     p.add_argument("--question", default=None, help="a question to ask in the Ask tab")
     p.add_argument("--search", default=None, help="a text to search for in the Search tab")
+    p.add_argument("--explain-text", default="", help="the caption to explain (default: the model's own caption)")
     p.add_argument("--no-explain", action="store_true", help="skip the Explain tab")
     p.add_argument("--screenshots", type=Path, default=None, help="folder for one PNG per tab")
+    p.add_argument("--prefix", default="", help="screenshot names: PREFIXcaption.png, PREFIXsearch.png, ...")
     p.add_argument("--executable", default=None, help=f"Chromium (default: $QFORMER_CHROMIUM or {DEFAULT_CHROMIUM})")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error (also QFORMER_DEBUG=1)")
     args = p.parse_args(argv)
     result = visit(args.url, image=args.image, search=args.search, question=args.question,
-                   explain=not args.no_explain, screenshots=args.screenshots, executable=args.executable)
+                   explain=not args.no_explain, explain_text=args.explain_text, screenshots=args.screenshots,
+                   prefix=args.prefix, executable=args.executable)
     print(json.dumps(asdict(result), indent=1))
     return result
 

@@ -48,6 +48,16 @@ except ImportError as _missing:  # pragma: no cover - depends on the environment
 else:
     _MISSING = None
 
+DESCRIPTION = """A local web page over a trained model: caption an uploaded image (beam search or sampling),
+ask a question about it, search a folder of images by text, and see the Grad-CAM of a caption and
+each query's cross-attention.
+
+    python -m qformer.demo --model runs/toy/stage2/model --stage1 runs/toy/stage1/model \\
+        --instruct runs/toy/instruct-s0/model --images toy
+
+It listens on 127.0.0.1 only (--host changes that), takes uploads of at most --max-upload-mb that
+PIL verifies as an image, and writes nothing but its search index, in a temporary folder removed
+when it stops (Ctrl+C)."""
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 log = logging.getLogger("qformer.demo")
 SECURITY_HEADERS = {
@@ -177,8 +187,7 @@ def create_app(demo: Demo, *, local_only: bool = True) -> "FastAPI":
 
 # ---------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    doc = __doc__.split("\n\n")
-    p = argparse.ArgumentParser(prog="python -m qformer.demo", description="\n\n".join(doc[:2]),
+    p = argparse.ArgumentParser(prog="python -m qformer.demo", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="the caption model (a stage-2 model directory)")
     p.add_argument("--stage1", type=Path, default=None,
@@ -230,7 +239,8 @@ def serve(args: argparse.Namespace) -> None:
         try:
             server.run()
         except KeyboardInterrupt:  # uvicorn stops gracefully, then re-raises the Ctrl+C it caught
-            print("qformer demo: stopped", flush=True)
+            pass
+        print("qformer demo: stopped", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
