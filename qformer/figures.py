@@ -7,6 +7,7 @@ input size), and each map is upsampled bilinearly from the patch grid to that si
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections.abc import Sequence
@@ -118,6 +119,15 @@ def save_figure(fig, path: Path, *, dpi: int = 100) -> Path:
     return path
 
 
+def figure_png(fig, *, dpi: int = 100) -> bytes:
+    """``fig`` as PNG bytes, in memory (nothing written to disk), and free it."""
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:limit].lower() or "x"
 
@@ -161,4 +171,4 @@ def write_pictures(model: Blip2Model, images: Sequence[ImageInput], output_dir: 
     return summary
 
 
-__all__ = ["display_images", "gradcam_figure", "query_maps_figure", "save_figure", "upsample", "write_pictures"]
+__all__ = ["display_images", "figure_png", "gradcam_figure", "query_maps_figure", "save_figure", "upsample", "write_pictures"]

@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("evaluation", ("eval", "search")),
     ("recipes' glue", ("recipe",)),
     ("plugins' own worlds", ("toy",)),
+    ("applications", ("demo",)),
 ]
 
 
