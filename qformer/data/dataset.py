@@ -17,7 +17,6 @@ Augmentation is seeded per sample from ``(seed, epoch, sample key)`` (see
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from ..errors import ConfigError
 from .cache import FeatureCache
 from .report import DataReport, NoUsableDataError
 from .samples import Sample, SampleProcessor, Skipped
-from .sources import CaptionSource, open_caption_source
+from .sources import CaptionSource, json_rows, open_caption_source
 from .sources.instruct import TASKS, InstructionMixture, InstructionSource
 from .transforms import CaptionCleaner, ImageTransform, build_image_transform, sample_generator
 
@@ -283,23 +282,7 @@ def _first_row(path: Path) -> dict:
     """The first object of a JSONL / JSON-list file ({} if none), to tell its format."""
     if not path.is_file():
         raise FileNotFoundError(2, "instruction file not found", str(path))
-    if path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line) if line.strip() else None
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict):
-                    return row
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return {}  # reported, with the file's name, by the reader
-    if isinstance(data, dict):
-        data = next((v for v in data.values() if isinstance(v, list)), [])
-    return next((r for r in data if isinstance(r, dict)), {}) if isinstance(data, list) else {}
+    return next((row for _, _, row in json_rows(path, what="instruction") if isinstance(row, dict)), {})
 
 
 def open_instruction_dataset(

@@ -26,7 +26,7 @@ from .. import plugins
 from ..config import VisionConfig
 from ..data import open_caption_dataset
 from ..data.samples import Sample, SkipSample
-from ..data.sources import CaptionRecord
+from ..data.sources import CaptionRecord, json_rows
 from ..distributed import gather_dict
 from ..errors import DataError
 from ..blip2 import Blip2
@@ -328,26 +328,10 @@ def load_vqa_questions(
     if not path.is_file():
         raise FileNotFoundError(2, "VQA file not found", str(path))
     root = Path(image_root) if image_root is not None else path.parent
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise VQAFileError(f"{path}: not valid JSON: {e}") from e
-        if isinstance(data, dict):  # {"questions": [...]} / {"data": [...]}
-            data = next((v for v in data.values() if isinstance(v, list)), None)
-        if not isinstance(data, list):
-            raise VQAFileError(f"{path}: a .json VQA file must hold a list of objects")
-        rows = [(f"{path}: item {n}", n, r) for n, r in enumerate(data)]
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}:{n + 1}", n + 1, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise VQAFileError(f"{path}:{n + 1}: not valid JSON: {e}") from e
+    rows = json_rows(path, error=VQAFileError, what="VQA")
+    for where, _, row in rows:
+        if isinstance(row, json.JSONDecodeError):
+            raise VQAFileError(f"{where}: not valid JSON: {row}") from row
     out: list[VQAQuestion] = []
     seen: set[Hashable] = set()
     for where, number, row in rows:

@@ -30,6 +30,7 @@ from .base import (
     DatasetSpecError,
     ImageRef,
     caption_list,
+    json_rows,
     missing_column_error,
 )
 from .files import FileCaptionSource
@@ -54,6 +55,7 @@ __all__ = [
     "caption_list",
     "detect_spec_kind",
     "expand_shards",
+    "json_rows",
     "missing_column_error",
     "open_caption_source",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,32 @@ def missing_column_error(
     if role in ("image", "caption"):
         how = f"--{role}-column NAME (recipes), {how} or data.{role}_column in an adapter card"
     return DatasetSpecError(f"{where}: no {role} column {looked_for}; its columns are {list(columns)}; choose one with {how}")
+
+
+def json_rows(path: Path, *, error: type[Exception] = DatasetSpecError, what: str = "data") -> list[tuple[str, int, Any]]:
+    """``(where, number, row)`` of a JSONL file (number: the 1-based line; a line that is not JSON
+    gives its ``json.JSONDecodeError`` as the row, for the caller to count or refuse) or of a JSON
+    list (number: the item's index; ``{"key": [...]}`` is that list). A .json file that is not a
+    list of rows raises ``error`` naming the file."""
+    text = Path(path).read_text(encoding="utf-8")
+    if Path(path).suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}: not valid JSON: {e}") from e
+        if isinstance(data, dict):  # {"questions": [...]} / {"data": [...]} / {"annotations": [...]}
+            data = next((v for v in data.values() if isinstance(v, list)), None)
+        if not isinstance(data, list):
+            raise error(f"{path}: a .json {what} file must hold a list of objects")
+        return [(f"{path}: item {i}", i, row) for i, row in enumerate(data)]
+    out: list[tuple[str, int, Any]] = []
+    for n, line in enumerate(text.splitlines()):
+        if line.strip():
+            try:
+                out.append((f"{path}:{n + 1}", n + 1, json.loads(line)))
+            except json.JSONDecodeError as e:
+                out.append((f"{path}:{n + 1}", n + 1, e))
+    return out
 
 
 @dataclass(kw_only=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import FILE_IMAGE_COLUMNS, AnyRecord, BadRecord, CaptionRecord, CaptionSource, DatasetSpecError
+from .base import FILE_IMAGE_COLUMNS, AnyRecord, BadRecord, CaptionRecord, CaptionSource, DatasetSpecError, json_rows
 
 # InstructBLIP's templates (paper, appendix), without the leading <Image> (the soft prompts come first).
 CAPTION_TEMPLATES: tuple[str, ...] = (
@@ -90,29 +89,6 @@ def main_answer(value: Any) -> str | None:
     return None
 
 
-def _rows(path: Path) -> list[tuple[str, Any]]:
-    """(where, row) of a JSONL file or a JSON list."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DatasetSpecError(f"{path}: not valid JSON: {e}") from e
-        if isinstance(data, dict):
-            data = next((v for v in data.values() if isinstance(v, list)), None)
-        if not isinstance(data, list):
-            raise DatasetSpecError(f"{path}: a .json instruction file must hold a list of objects")
-        return [(f"{path}: item {i}", row) for i, row in enumerate(data)]
-    out: list[tuple[str, Any]] = []
-    for n, line in enumerate(text.splitlines()):
-        if line.strip():
-            try:
-                out.append((f"{path}:{n + 1}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                out.append((f"{path}:{n + 1}", e))
-    return out
-
-
 class InstructionSource(CaptionSource):
     """A map-style list of instruction records (see the module docstring)."""
 
@@ -143,7 +119,7 @@ class InstructionSource(CaptionSource):
         name = name or f"instructions:{path}"
         records: list[AnyRecord] = []
         tasks: set[str] = set()
-        for n, (where, row) in enumerate(_rows(path)):
+        for n, (where, _, row) in enumerate(json_rows(path, what="instruction")):
             if not isinstance(row, dict):
                 detail = str(row) if isinstance(row, Exception) else f"not an object: {type(row).__name__}"
                 records.append(BadRecord(reason="bad_record", where=where, source=name, key=str(n), detail=detail))
