@@ -23,7 +23,7 @@ import json
 
 from qformer import Blip2, Stage2Objective, Stage2TextCollator
 from qformer.cli import parse_recipe_args, run_main
-from qformer.data import CaptionLoader, Stage2Collator, open_instruction_dataset
+from qformer.data import CaptionLoader, Stage2Collator, open_instruction_dataset, open_instruction_mixture
 from qformer.eval.instruct import INSTRUCT_VQA_TEMPLATE, comparison_table, image_blind_baseline
 from qformer.eval.tasks import evaluate_vqa, load_vqa_questions
 from qformer.eval.vqa import VQADecodeSettings
@@ -58,16 +58,16 @@ def main() -> None:
     run.print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M")
 
     # ---------------------------------------------------------------- data
-    cache_wanted = card.data.cache_features
-    dataset = open_instruction_dataset(data.train, vision=model.config.vision, train=card.data.augment and not cache_wanted,
-                                       num_frames=model.config.num_frames, seed=train.seed,
-                                       **card.data.source_options())
-    run.print(f"instruction data: {dataset.source.name}, {len(dataset)} draws per epoch")
-    if cache_wanted:  # the frozen tower runs once per distinct image
-        cache = feature_cache_for(run, model.vision, [dataset.source])
-        dataset = open_instruction_dataset(data.train, vision=model.config.vision, train=False, feature_cache=cache,
-                                           num_frames=model.config.num_frames, seed=train.seed,
-                                           **card.data.source_options())
+    mixture = open_instruction_mixture(data.train, seed=train.seed, **card.data.source_options())
+    run.print(f"instruction data: {mixture.name}, {len(mixture)} draws per epoch")
+    # With the cache, the frozen tower runs once per distinct image (never on augmented pixels);
+    # video clips are sampled frames, not cached images, so data with videos runs the tower live.
+    use_cache = card.data.cache_features and not mixture.has_video
+    if card.data.cache_features and not use_cache:
+        run.print("the data holds video clips: no feature cache (the tower runs on every clip's frames)")
+    cache = feature_cache_for(run, model.vision, [mixture]) if use_cache else None
+    dataset = open_instruction_dataset(mixture, vision=model.config.vision, train=card.data.augment and cache is None,
+                                       feature_cache=cache, num_frames=model.config.num_frames, seed=train.seed)
     # Answers are tokenised for the LLM, instructions for the LLM and the Q-Former, in the collator.
     text = Stage2TextCollator(model.llm_tokenizer, model.config.llm, encoder_decoder=is_encoder_decoder(model.llm),
                               qformer_tokenizer=model.tokenizer, qformer_max_length=model.config.instruction_tokens)

@@ -146,3 +146,6 @@ def test_video_records_become_clips(tmp_path):
     image_sample = open_instruction_dataset(str(img), vision=VISION, train=False)[0]
     with pytest.raises(ValueError, match="different shapes"):
         Stage2Collator(text)([clips[0], image_sample])
+    assert ds.source.has_video and not open_instruction_dataset(str(img), vision=VISION, train=False).source.has_video
+    with pytest.raises(Exception, match="video clips are not in the feature cache"):
+        open_instruction_dataset(str(inst), vision=VISION, train=False, feature_cache=object())

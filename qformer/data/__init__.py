@@ -29,7 +29,7 @@ from .cache import (
     weights_fingerprint,
 )
 from .collate import CollatedSamples, Stage1Collator, Stage2Collator, collate_samples, is_empty_batch, stable_image_id
-from .dataset import CaptionDataset, IterableCaptionDataset, open_caption_dataset, open_instruction_dataset
+from .dataset import CaptionDataset, IterableCaptionDataset, open_caption_dataset, open_instruction_dataset, open_instruction_mixture
 from .loader import CaptionLoader, ResumableSampler
 from .reading import SkipSample, image_content_key, read_image
 from .report import (
@@ -111,6 +111,7 @@ __all__ = [
     "merge_reports",
     "open_caption_dataset",
     "open_instruction_dataset",
+    "open_instruction_mixture",
     "open_caption_source",
     "pre_caption",
     "read_image",

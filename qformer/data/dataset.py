@@ -252,7 +252,7 @@ def open_caption_dataset(
 
 
 
-def _instruction_part(entry: Any, *, streaming: bool, image_root: Any = None, **source_options: Any) -> tuple[InstructionSource, float | None]:
+def _instruction_part(entry: Any, *, image_root: Any = None, **source_options: Any) -> tuple[InstructionSource, float | None]:
     """One dataset of an instruction mixture: ``entry`` is a spec (a path: an instruction / LLaVA /
     VQA file is recognised by its fields, anything else is a caption dataset) or a dict
     ``{"path": spec, "task": auto|instruction|vqa|caption, "weight": w}``."""
@@ -273,8 +273,7 @@ def _instruction_part(entry: Any, *, streaming: bool, image_root: Any = None, **
         looks_instructed = any(f in first for f in ("conversations", "instruction", "question", "prompt"))
         task = "auto" if looks_instructed else "caption"
     if task == "caption" or not is_file:
-        source = open_caption_source(spec, streaming=streaming, **source_options)
-        return InstructionSource.from_captions(source), weight
+        return InstructionSource.from_captions(open_caption_source(spec, **source_options)), weight
     return InstructionSource.from_file(spec, task=task, image_root=image_root), weight
 
 
@@ -283,6 +282,21 @@ def _first_row(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(2, "instruction file not found", str(path))
     return next((row for _, _, row in json_rows(path, what="instruction") if isinstance(row, dict)), {})
+
+
+def open_instruction_mixture(specs: Any, *, weights: list[float] | None = None, seed: int = 0,
+                             **source_options: Any) -> InstructionMixture:
+    """The instruction datasets of ``specs`` (one or a list; see :func:`open_instruction_dataset`)
+    as one mixture: sampled in proportion to the square root of their sizes (InstructBLIP), or to
+    the ``weight`` of each entry / ``weights``."""
+    entries = list(specs) if isinstance(specs, (list, tuple)) else [specs]
+    parts = [_instruction_part(e, **source_options) for e in entries]
+    given = [w for _, w in parts]
+    if weights is None and any(w is not None for w in given):
+        if not all(w is not None for w in given):
+            raise ConfigError("give a weight to every instruction dataset or to none (default: sqrt of the sizes)")
+        weights = [float(w) for w in given]
+    return InstructionMixture([p for p, _ in parts], weights=weights, seed=seed)
 
 
 def open_instruction_dataset(
@@ -299,20 +313,16 @@ def open_instruction_dataset(
     **source_options: Any,
 ) -> CaptionDataset:
     """The instruction-tuning dataset: one or more datasets (see :mod:`qformer.data.sources.instruct`)
-    mixed with probability proportional to the square root of their sizes (InstructBLIP), or to
-    the ``weight`` of each entry / ``weights``. Answers are cleaned as captions (lowercase, no
-    punctuation) up to ``max_words``; instructions are kept verbatim. Video records are sampled
-    to ``num_frames`` frames (and never read from the feature cache)."""
-    entries = list(specs) if isinstance(specs, (list, tuple)) else [specs]
-    parts = [_instruction_part(e, streaming=False, **source_options) for e in entries]
-    given = [w for _, w in parts]
-    if weights is None and any(w is not None for w in given):
-        if not all(w is not None for w in given):
-            raise ConfigError("give a weight to every instruction dataset or to none (default: sqrt of the sizes)")
-        weights = [float(w) for w in given]
-    source = InstructionMixture([p for p, _ in parts], weights=weights, seed=seed)
+    mixed by :func:`open_instruction_mixture` (or an :class:`InstructionMixture` already opened).
+    Answers are cleaned as captions (lowercase, no punctuation) up to ``max_words``; instructions
+    are kept verbatim. Video records are sampled to ``num_frames`` frames (and never read from the
+    feature cache)."""
+    source = specs if isinstance(specs, InstructionMixture) else open_instruction_mixture(
+        specs, weights=weights, seed=seed, **source_options)
     if feature_cache is not None and train:
         raise ConfigError("the feature cache holds un-augmented features: open instruction data with train=False")
+    if feature_cache is not None and source.has_video:
+        raise ConfigError(f"{source.name}: video clips are not in the feature cache; open it without feature_cache")
     processor = SampleProcessor(
         transform=None if feature_cache is not None else build_image_transform(vision, train=train),
         captions=CaptionCleaner(max_words=max_words), min_image_size=min_image_size, feature_cache=feature_cache,

@@ -77,6 +77,18 @@ def hf_blip2_parts(meta: dict[str, Any], directory: Path | None) -> tuple[Vision
     return vision, qformer
 
 
+def llm_config_from_hf(meta: dict[str, Any], directory: Path | None) -> LLMConfig:
+    """The frozen LLM of a transformers BLIP-2 / InstructBLIP config: its ``text_config``, and where
+    generation stops (its text config's eos, else ``directory``'s ``generation_config.json``)."""
+    text = {k: v for k, v in meta["text_config"].items() if not k.startswith("_") and k != "transformers_version"}
+    generation = None
+    if directory is not None and (directory / "generation_config.json").is_file():
+        generation = read_json(directory / "generation_config.json")
+    eos = checkpoint_eos_ids(text, generation)
+    return LLMConfig(hf_config=text, dtype="bfloat16", end_of_text=None,
+                     eos_token_id=None if eos is None else (eos[0] if len(eos) == 1 else eos))
+
+
 def blip2_config_from_hf(meta: dict[str, Any], directory: Path | None = None) -> Blip2Config:
     """Our config equivalent to a transformers ``Blip2Config`` dict (retrieval or generation).
     With ``directory``, its ``generation_config.json`` says where generation stops."""
@@ -85,13 +97,7 @@ def blip2_config_from_hf(meta: dict[str, Any], directory: Path | None = None) ->
     if meta.get("text_config") is not None and (
         "Blip2ForConditionalGeneration" in (meta.get("architectures") or []) or not qformer.text_input
     ):
-        text = {k: v for k, v in meta["text_config"].items() if not k.startswith("_") and k != "transformers_version"}
-        generation = None
-        if directory is not None and (directory / "generation_config.json").is_file():
-            generation = read_json(directory / "generation_config.json")
-        eos = checkpoint_eos_ids(text, generation)
-        llm = LLMConfig(hf_config=text, dtype="bfloat16", end_of_text=None,
-                        eos_token_id=None if eos is None else (eos[0] if len(eos) == 1 else eos))
+        llm = llm_config_from_hf(meta, directory)
     retrieval = llm is None
     if retrieval:
         qformer.text_input = True
@@ -220,6 +226,7 @@ __all__ = [
     "adopt_end_of_text",
     "extract_llm",
     "hf_blip2_parts",
+    "llm_config_from_hf",
     "blip2_config_from_hf",
     "build_llm_from_state_dict",
     "is_generation",

@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import Blip2Config, LLMConfig
+from ..config import Blip2Config
 from ..errors import CheckpointError
-from ..llm import checkpoint_eos_ids
 from ..tokenizer import load_qformer_tokenizer
-from .common import VISION_PREFIX, LoadOptions, read_json
-from .hf import hf_blip2_parts, load_generation_model
+from .common import VISION_PREFIX, LoadOptions
+from .hf import hf_blip2_parts, llm_config_from_hf, load_generation_model
 from .keymaps import Converted, hf_retrieval_to_ours, ours_to_hf_retrieval
 from .report import LoadReport
 
@@ -80,13 +79,7 @@ def instructblip_config_from_hf(meta: dict, directory: Path | None = None) -> Bl
         raise CheckpointError(f"{directory}: an InstructBLIP config without text_config")
     vision, qformer = hf_blip2_parts(meta, directory)
     qformer.text_input, qformer.lm_head = True, False
-    text = {k: v for k, v in meta["text_config"].items() if not k.startswith("_") and k != "transformers_version"}
-    generation = None
-    if directory is not None and (directory / "generation_config.json").is_file():
-        generation = read_json(directory / "generation_config.json")
-    eos = checkpoint_eos_ids(text, generation)
-    llm = LLMConfig(hf_config=text, dtype="bfloat16", end_of_text=None,
-                    eos_token_id=None if eos is None else (eos[0] if len(eos) == 1 else eos))
+    llm = llm_config_from_hf(meta, directory)
     return Blip2Config(
         vision=vision, qformer=qformer, llm=llm, stage1_heads=False, instruction_aware=True,
         video=meta.get("model_type") == "instructblipvideo",

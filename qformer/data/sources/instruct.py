@@ -214,6 +214,11 @@ class InstructionMixture(CaptionSource):
     def is_map_style(self) -> bool:
         return True
 
+    @property
+    def has_video(self) -> bool:
+        """Whether any record is a video clip (those are never read from a feature cache)."""
+        return any(getattr(r, "video", False) for s in self.sources for r in s.records)
+
     def __len__(self) -> int:
         return len(self._which)
 
