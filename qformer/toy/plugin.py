@@ -12,6 +12,8 @@ Options come from the card's ``plugins: {toy: {...}}`` section:
 * ``budget``: ``"default"`` (the real toy backbones) or ``"tiny"`` (for smoke tests: trains in
   moments, the backbones barely learn). Each budget is cached under its own key.
 * ``sizes``: ``{split: n}``, images exported per split (``DEFAULT_SIZES`` for splits not given).
+* ``noise`` (0.4), ``noise_seed`` (0): the corrupted fraction of ``noisy/SPLIT.jsonl`` and its
+  seed (:mod:`qformer.toy.noise`); ``clean_fraction`` (0.1): the share of ``clean/SPLIT.jsonl``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..tokenizer import load_qformer_tokenizer
 from .backbones import ensure_toy_backbones
 from .cache import default_cache_root, publish_dir
 from .export import METADATA_FILE
+from .noise import clean_subset_file, noisy_file
 from .language import score_caption
 from .questions import VQA_FILE
 from .scenes import SPLITS
@@ -72,15 +75,19 @@ class ToyOptions:
 
     budget: str = "default"
     sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SIZES))
+    noise: float = 0.4
+    noise_seed: int = 0
+    clean_fraction: float = 0.1
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None, *, world: ToyWorld) -> ToyOptions:
         """Check ``options`` against what the toy world offers; a :class:`ConfigError` names
         the first option at fault."""
         options = dict(options or {})
-        unknown = sorted(set(options) - {"budget", "sizes"})
+        known = ["budget", "sizes", "noise", "noise_seed", "clean_fraction"]
+        unknown = sorted(set(options) - set(known))
         if unknown:
-            raise ConfigError(f"plugins.toy: unknown option(s) {unknown}; known: ['budget', 'sizes']")
+            raise ConfigError(f"plugins.toy: unknown option(s) {unknown}; known: {known}")
         budget = options.get("budget", "default")
         if budget not in BUDGETS:
             raise ConfigError(f"plugins.toy.budget must be one of {sorted(BUDGETS)}, got {budget!r}")
@@ -95,12 +102,23 @@ class ToyOptions:
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= world.split_size(split):
                 raise ConfigError(f"plugins.toy.sizes.{split} must be an integer from 1 to "
                                   f"{world.split_size(split)} (the toy world's {split} split), got {n!r}")
-        return cls(budget=budget, sizes=sizes)
+        noise, noise_seed = options.get("noise", cls.noise), options.get("noise_seed", cls.noise_seed)
+        clean_fraction = options.get("clean_fraction", cls.clean_fraction)
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise <= 1:
+            raise ConfigError(f"plugins.toy.noise must be a fraction from 0 to 1, got {noise!r}")
+        if isinstance(noise_seed, bool) or not isinstance(noise_seed, int):
+            raise ConfigError(f"plugins.toy.noise_seed must be an integer, got {noise_seed!r}")
+        if isinstance(clean_fraction, bool) or not isinstance(clean_fraction, (int, float)) or not 0 < clean_fraction <= 1:
+            raise ConfigError(f"plugins.toy.clean_fraction must be a fraction in (0, 1], got {clean_fraction!r}")
+        return cls(budget=budget, sizes=sizes, noise=float(noise), noise_seed=noise_seed,
+                   clean_fraction=float(clean_fraction))
 
 
 def resource_names(sizes: Mapping[str, int] = DEFAULT_SIZES) -> list[str]:
     """Every ``toy://NAME`` a card may use."""
-    data = [name for split in sizes for name in (f"data/{split}", f"data/{split}.jsonl", f"vqa/{split}")]
+    data = [name for split in sizes
+            for name in (f"data/{split}", f"data/{split}.jsonl", f"vqa/{split}", f"noisy/{split}.jsonl",
+                         f"clean/{split}.jsonl")]
     return [*BACKBONE_RESOURCES, *data]
 
 
@@ -163,7 +181,10 @@ def resolve(names: set[str], options: dict[str, Any] | None, *, progress: bool =
     * ``data/SPLIT``: an imagefolder directory holding the first ``sizes[SPLIT]`` samples of
       the split; ``data/SPLIT.jsonl``: its ``metadata.jsonl`` (the same records, which a
       loader can read without indexing every image file); ``vqa/SPLIT``: the split's
-      ``vqa.jsonl`` beside its images. Exported once, atomically, shared by concurrent runs.
+      ``vqa.jsonl`` beside its images; ``noisy/SPLIT.jsonl``: the same images with the
+      ``noise`` fraction of captions corrupted (:mod:`qformer.toy.noise`); ``clean/SPLIT.jsonl``:
+      the first ``clean_fraction`` of the rows, clean. Exported once, atomically, shared by
+      concurrent runs.
     """
     world = ToyWorld()
     opts = ToyOptions.parse(options, world=world)
@@ -175,7 +196,8 @@ def resolve(names: set[str], options: dict[str, Any] | None, *, progress: bool =
     if set(names) & set(BACKBONE_RESOURCES):
         out.update(_backbone_values(set(names), opts.budget, progress=progress))
     for split in SPLITS:
-        wanted = {f"data/{split}", f"data/{split}.jsonl", f"vqa/{split}"} & set(names)
+        wanted = {f"data/{split}", f"data/{split}.jsonl", f"vqa/{split}", f"noisy/{split}.jsonl",
+                  f"clean/{split}.jsonl"} & set(names)
         if not wanted:
             continue
         n = opts.sizes[split]
@@ -184,6 +206,11 @@ def resolve(names: set[str], options: dict[str, Any] | None, *, progress: bool =
         out[f"data/{split}.jsonl"] = str(folder / METADATA_FILE)
         if f"vqa/{split}" in wanted:
             out[f"vqa/{split}"] = str(_exported_questions(world, split, n, folder))
+        if f"noisy/{split}.jsonl" in wanted:
+            out[f"noisy/{split}.jsonl"] = str(noisy_file(world, split, n, folder, fraction=opts.noise,
+                                                         seed=opts.noise_seed))
+        if f"clean/{split}.jsonl" in wanted:
+            out[f"clean/{split}.jsonl"] = str(clean_subset_file(folder, fraction=opts.clean_fraction))
     return {k: v for k, v in out.items() if k in names}
 
 
