@@ -129,11 +129,15 @@ class _Pixels(Dataset):
             return i, None, exc.reason
 
 
-def _collate(batch):
-    return batch
+def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """(indices of the readable images, their pixels stacked (b, 3, S, S), (index, reason) of every
+    item). Stacked in the worker, so a batch crosses to the main process as one shared-memory
+    tensor instead of one per image (which cost about as much as the Q-Former's forward)."""
+    good = [(i, px) for i, px, _ in batch if px is not None]
+    pixels = torch.stack([px for _, px in good]) if good else None
+    return [i for i, _ in good], pixels, [(i, why) for i, _, why in batch]
 
 
-@torch.no_grad()
 def encode_items(model: Blip2Model, items: Sequence[ImageItem], *, batch_size: int = 64, num_workers: int = 0,
                  progress: bool = False) -> tuple[torch.Tensor, list[str]]:
     """ITC features (n, Q, E) float32 of ``items`` (rows of unreadable images are zero) and the
@@ -145,14 +149,14 @@ def encode_items(model: Blip2Model, items: Sequence[ImageItem], *, batch_size: i
                         collate_fn=_collate)
     from tqdm.auto import tqdm
 
-    for batch in tqdm(loader, desc="indexing images", unit="batch", disable=not progress):
-        good = [(i, px) for i, px, _ in batch if px is not None]
-        for i, _, why in batch:
-            reasons[i] = why
-        if good:
-            pixels = torch.stack([px for _, px in good]).to(model.device)  # (b, 3, S, S)
-            out = model.image_features(model.encode_image(model.embed_image(pixels)).query_output)  # (b, Q, E)
-            feats[torch.tensor([i for i, _ in good])] = out.float().cpu()
+    for good, pixels, why in tqdm(loader, desc="indexing images", unit="batch", disable=not progress):
+        for i, reason in why:
+            reasons[i] = reason
+        if pixels is not None:
+            with torch.inference_mode():  # features only: no autograd bookkeeping at all
+                pixels = pixels.to(model.device)  # (b, 3, S, S)
+                out = model.image_features(model.encode_image(model.embed_image(pixels)).query_output)  # (b, Q, E)
+            feats[torch.tensor(good)] = out.float().cpu()
     return feats, reasons
 
 
