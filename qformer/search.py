@@ -9,7 +9,8 @@ What the index holds (a folder): ``features.safetensors`` with the normalised qu
 relative to a folder, else the data's image id), where to read it again and a stamp (size and
 modification time of a file, a content hash otherwise), plus a fingerprint of the model.
 
-* **Build** -- the images are read by DataLoader workers (``num_workers``) while the model runs;
+* **Build** -- the images are read by DataLoader workers (``num_workers``, at the lowest CPU
+  priority, so that decoding fills the gaps of the tower instead of slowing it) while the model runs;
   with several processes (``accelerate launch``) each rank encodes a contiguous slice and the
   slices are all-gathered; rank 0 writes. Unreadable images are skipped and listed.
 * **Update** -- images whose key and stamp are unchanged keep their features; new or changed
@@ -25,6 +26,7 @@ modification time of a file, a content hash otherwise), plus a fingerprint of th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -124,18 +126,31 @@ class _Pixels(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         item = self.items[i]
         try:
-            return i, self.preprocess.transform(read_image(item.ref, where=item.key)), ""
+            return i, self.preprocess.resize(read_image(item.ref, where=item.key)), ""  # uint8 (3, S, S) mostly
         except SkipSample as exc:
             return i, None, exc.reason
 
 
-def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+def _yield_to_the_model(worker_id: int) -> None:
+    """DataLoader workers decode at the lowest CPU priority: the tower's threads keep their cores
+    and decoding fills the gaps between its operations, instead of preempting one of its threads
+    (which stalls the others at the next barrier)."""
+    try:
+        os.nice(19)
+    except OSError:  # not permitted here: decoding then competes as before
+        pass
+
+
+def _collate(preprocess: Any, batch: list[tuple[int, torch.Tensor | None, str]]
+             ) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
     """(indices of the readable images, their pixels stacked (b, 3, S, S), (index, reason) of every
     item). Stacked in the worker, so a batch crosses to the main process as one shared-memory
     tensor instead of one per image (which cost about as much as the Q-Former's forward)."""
     good = [(i, px) for i, px, _ in batch if px is not None]
-    pixels = torch.stack([px for _, px in good]) if good else None
-    return [i for i, _ in good], pixels, [(i, why) for i, _, why in batch]
+    pixels = [px for _, px in good]
+    if any(px.is_floating_point() for px in pixels):  # a high-bit-depth grey image came normalized already
+        pixels = [px if px.is_floating_point() else preprocess.normalize(px) for px in pixels]
+    return [i for i, _ in good], torch.stack(pixels) if pixels else None, [(i, why) for i, _, why in batch]
 
 
 def encode_items(model: Blip2Model, items: Sequence[ImageItem], *, batch_size: int = 64, num_workers: int = 0,
@@ -145,8 +160,10 @@ def encode_items(model: Blip2Model, items: Sequence[ImageItem], *, batch_size: i
     q, e = model.num_query_tokens, model.config.embed_dim
     feats = torch.zeros(len(items), q, e)
     reasons = [""] * len(items)
-    loader = DataLoader(_Pixels(items, model.vision.preprocessor), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate)
+    preprocess = model.vision.preprocessor
+    loader = DataLoader(_Pixels(items, preprocess), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=functools.partial(_collate, preprocess),
+                        worker_init_fn=_yield_to_the_model if num_workers else None)
     from tqdm.auto import tqdm
 
     for good, pixels, why in tqdm(loader, desc="indexing images", unit="batch", disable=not progress):
@@ -154,6 +171,8 @@ def encode_items(model: Blip2Model, items: Sequence[ImageItem], *, batch_size: i
             reasons[i] = reason
         if pixels is not None:
             with torch.inference_mode():  # features only: no autograd bookkeeping at all
+                if not pixels.is_floating_point():  # uint8: normalized here, once per batch
+                    pixels = preprocess.normalize(pixels)
                 pixels = pixels.to(model.device)  # (b, 3, S, S)
                 out = model.image_features(model.encode_image(model.embed_image(pixels)).query_output)  # (b, Q, E)
             feats[torch.tensor(good)] = out.float().cpu()

@@ -226,3 +226,22 @@ def test_two_gloo_ranks_build_what_one_builds(model, tmp_path):
         assert torch.allclose(got["features"], one.features, atol=1e-5)
     saved = ImageIndex.load(tmp_path / "index2")
     assert saved.keys == one.keys and torch.allclose(saved.features, one.features, atol=1e-5)
+
+
+def test_split_preprocessing_gives_the_transforms_values() -> None:
+    """The index build resizes to uint8 in the workers and normalizes whole batches in the main
+    process: exactly the values of the one-image transform (RGB of any size, and 16-bit grey)."""
+    import numpy as np
+    from PIL import Image
+
+    from qformer.images import ImagePreprocessor
+
+    pp = ImagePreprocessor(image_size=32, mean=(0.48145466, 0.4578275, 0.40821073),
+                           std=(0.26862954, 0.26130258, 0.27577711))
+    rng = np.random.default_rng(0)
+    rgb = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((32, 32), (50, 70), (20, 31))]
+    resized = torch.stack([pp.resize(im) for im in rgb])
+    assert resized.dtype == torch.uint8
+    assert torch.equal(pp.normalize(resized), torch.stack([pp.transform(im) for im in rgb]))
+    grey16 = Image.fromarray(rng.integers(0, 65535, (40, 40)).astype(np.uint16))
+    assert torch.equal(pp.resize(grey16), pp.transform(grey16))
