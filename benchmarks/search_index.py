@@ -4,12 +4,13 @@ tower, and a text query over N images with ITC alone takes well under 100 ms.
 
 What is measured
     A random ``qformer.Blip2`` whose frozen tower dominates the image path as EVA ViT-g does in
-    BLIP-2 (tower: timm ViT 192 wide, 6 blocks, 64 px, patch 8 -> 65 tokens; Q-Former 128 wide,
-    2 layers, 8 queries, cross-attention every 2nd layer, ITC dim 64), and N synthetic 64 px PNG
-    images on disk.
+    BLIP-2 (tower: timm ViT 192 wide, 8 blocks, 64 px, patch 8 -> 65 tokens; Q-Former 128 wide,
+    2 layers, 8 queries, cross-attention every 2nd layer, ITC dim 64: the Q-Former's image path costs
+    about 2.3 % of the tower's FLOPs, as BERT-base's Q-Former against EVA ViT-g/14 in BLIP-2), and N
+    synthetic 64 px PNG images on disk.
 
-    * tower: the tower alone (``model.vision``) on all N images, already decoded and
-      preprocessed in memory, batches of 64 -- the floor any index build pays;
+    * tower: the tower alone (``model.vision``, under inference_mode as the build runs it) on all N
+      images, already decoded and preprocessed in memory -- the floor any index build pays;
     * build: ``qformer.search.build_index`` from the files (read, decode, preprocess in a
       DataLoader worker, tower, ln_vision, Q-Former, ITC projection, write to disk), with the
       time spent inside the tower recorded by wrapping its forward;
@@ -20,7 +21,9 @@ What is measured
       (re-reads, re-encodes and scores 16 images).
 
 How
-    One process, ``torch.set_num_threads(2)``; the images are written once to ``--workdir``.
+    One process, ``torch.set_num_threads(2)``; the images are written once to ``--workdir``. The tower
+    and the build alternate (tower, build, tower, build, tower with ``--build-passes 2``) and each
+    side's fastest pass is compared: this machine's speed drifts by several % within minutes.
 
     python benchmarks/search_index.py [--images 10000] [--queries 20]
 """
@@ -62,6 +65,20 @@ def write_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
+def qformer_flop_share(model) -> float:
+    """FLOPs of ln_vision + Q-Former + ITC projection over the tower's, per image (counted by torch)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = model.config.vision.image_size
+    x = torch.randn(2, 3, size, size)
+    with FlopCounterMode(display=False) as tower:
+        feats = model.vision(x)
+    with FlopCounterMode(display=False) as rest:
+        model.image_features(model.encode_image(model.embed_image(vision_features=feats)).query_output)
+    return rest.get_total_flops() / tower.get_total_flops()
+
+
 def run(args) -> C.Section:
     import _models as M
     import torch
@@ -71,6 +88,7 @@ def run(args) -> C.Section:
     C.worker_setup()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_search_"))
     model = M.search_model(workdir)
+    share = qformer_flop_share(model)
     n = args.images
     t0 = time.perf_counter()
     paths = write_images(workdir / "images", n)
@@ -82,11 +100,12 @@ def run(args) -> C.Section:
     pixels = torch.cat([model.vision.preprocess([str(p) for p in paths[s:s + 1000]]) for s in range(0, n, 1000)])
     def tower_alone() -> dict:
         C.wait_for_quiet(args.quiet_wait)
-        return C.timed_block(lambda: [model.vision(b) for b in pixels.split(args.batch_size)], 1)
+        with torch.inference_mode():  # as the build runs it: the floor must not pay for autograd
+            return C.timed_block(lambda: [model.vision(b) for b in pixels.split(args.batch_size)], 1)
 
-    tower_blocks = [tower_alone()]
-
-    # ---------------------------------------------------------------- build
+    # ---------------------------------------------------------------- build, alternated with the tower
+    # tower, build, tower, build, tower: this machine's speed drifts by several % within minutes,
+    # so each side's fastest pass is compared (the floor and the build at their best).
     inner = model.vision.forward
     in_tower = [0.0]
 
@@ -97,16 +116,26 @@ def run(args) -> C.Section:
         finally:
             in_tower[0] += time.perf_counter() - t
 
-    model.vision.forward = timed_forward
-    C.wait_for_quiet(args.quiet_wait)
-    build_block = C.timed_block(lambda: build_index(model, workdir / "images", workdir / "index",
-                                                    batch_size=args.batch_size, num_workers=args.num_workers), 1)
-    build_s, build_tower_s = build_block["times"][0], in_tower[0]
-    model.vision.forward = inner
-    tower_blocks.append(tower_alone())  # before and after the build: the faster one is the floor
+    def build_once() -> dict:
+        in_tower[0] = 0.0
+        model.vision.forward = timed_forward
+        try:
+            C.wait_for_quiet(args.quiet_wait)
+            block = C.timed_block(lambda: build_index(model, workdir / "images", workdir / "index",
+                                                      batch_size=args.batch_size, num_workers=args.num_workers), 1)
+        finally:
+            model.vision.forward = inner
+        return {**block, "in_tower": in_tower[0]}
+
+    tower_blocks, build_blocks = [tower_alone()], []
+    for _ in range(args.build_passes):
+        build_blocks.append(build_once())
+        tower_blocks.append(tower_alone())
     tower_block = min(tower_blocks, key=lambda b: b["times"][0])
+    build_block = min(build_blocks, key=lambda b: b["times"][0])
     tower_s = tower_block["times"][0]
-    del pixels
+    build_s, build_tower_s = build_block["times"][0], build_block["in_tower"]
+    pixels = None  # free the decoded images (the closure above is not called again)
 
     # ---------------------------------------------------------------- update (+1%)
     extra = write_images(workdir / "images", n + max(1, n // 100))[n:]
@@ -135,7 +164,7 @@ def run(args) -> C.Section:
         latency[name + " foreign"] = block["foreign_cores"]
     itc_ms = statistics.median(latency["ITC, matrix product"]) * 1e3
 
-    foreign = max(tower_block["foreign_cores"], build_block["foreign_cores"])
+    foreign = max(b["foreign_cores"] for b in [*tower_blocks, *build_blocks])
     quiet = foreign <= C.QUIET_CORES
     sec_note = (f"other processes kept {foreign:.2f} cores busy during the tower / build blocks (quiet: <= "
                 f"{C.QUIET_CORES}); the goal is judged only on a quiet machine")
@@ -144,18 +173,22 @@ def run(args) -> C.Section:
         intro=(f"`qformer.search` on a random model whose tower dominates the image path as in BLIP-2 (tower "
                f"{model.vision.describe()}, {model.vision.num_tokens} tokens; Q-Former "
                f"{model.config.qformer.hidden_size} wide, {model.config.qformer.num_layers} layers, "
-               f"{model.num_query_tokens} queries), {n:,} synthetic 64 px PNGs, batches of {args.batch_size}, "
+               f"{model.num_query_tokens} queries; the Q-Former side costs {share:.1%} of the tower's FLOPs, "
+               f"BLIP-2's about 2.3%), {n:,} synthetic 64 px PNGs, batches of {args.batch_size}, "
                f"{args.num_workers} DataLoader worker(s) reading images. CPU (lscpu): {C.cpu_model()}, "
                f"{os.cpu_count()} logical CPUs."),
-        data=dict(images=n, tower_s=tower_s, build_s=build_s, build_tower_s=build_tower_s, update_s=update_s,
+        data=dict(images=n, qformer_flop_share=share, tower_s=tower_s, build_s=build_s, build_tower_s=build_tower_s, update_s=update_s,
                   update_images=len(extra), load_s=load_s, latency_s={k: v for k, v in latency.items()},
-                  foreign_cores=foreign, tower_passes_s=[b["times"][0] for b in tower_blocks]),
+                  foreign_cores=foreign, tower_passes_s=[b["times"][0] for b in tower_blocks],
+                  build_passes_s=[b["times"][0] for b in build_blocks]),
     )
     sec.add_table("", ["step", "seconds", "per image"], [
-        ["tower alone, preprocessed pixels in memory (faster of two passes: "
+        ["tower alone, preprocessed pixels in memory (fastest of its passes: "
          + ", ".join(f"{b['times'][0]:.1f} s" for b in tower_blocks) + ")", f"{tower_s:.1f}",
          f"{tower_s / n * 1e3:.2f} ms"],
-        ["index build from the files (total)", f"{build_s:.1f}", f"{build_s / n * 1e3:.2f} ms"],
+        ["index build from the files (fastest of its passes: "
+         + ", ".join(f"{b['times'][0]:.1f} s" for b in build_blocks) + ")", f"{build_s:.1f}",
+         f"{build_s / n * 1e3:.2f} ms"],
         ["... of which inside the tower", f"{build_tower_s:.1f}", f"{build_tower_s / n * 1e3:.2f} ms"],
         [f"update after adding {len(extra)} images", f"{update_s:.2f}", ""],
         ["load the index from disk", f"{load_s:.3f}", ""],
@@ -164,15 +197,20 @@ def run(args) -> C.Section:
                   ["query", "median ms", "max ms"],
                   [[k, f"{statistics.median(v) * 1e3:.1f}", f"{max(v) * 1e3:.1f}"] for k, v in latency.items()
                    if isinstance(v, list)])
-    sec.notes.append("build / tower = %.2f: the build reads every PNG, preprocesses it, runs the tower, ln_vision, "
-                     "the Q-Former and the ITC projection, and writes features.safetensors + index.json."
-                     % (build_s / tower_s))
+    sec.notes.append("build / tower = %.2f (separate passes), %.2f (the tower's time inside the build): the build "
+                     "reads every PNG, preprocesses it, runs the tower, ln_vision, the Q-Former and the ITC "
+                     "projection, and writes features.safetensors + index.json." % (build_s / tower_s, build_s / build_tower_s))
     sec.notes.append(sec_note)
     sec.notes.append("Re-ranking re-reads and re-encodes the candidates (the index stores ITC features, not the "
                      "tower's tokens: 65 x 192 floats per image here, 257 x 1408 for ViT-g).")
+    # Two ways to get the tower's time, both must be met: in separate passes (fastest against
+    # fastest), and inside the fastest build itself (same moment, so free of the machine's drift,
+    # but inflated by whatever the build's own reading costs the tower).
+    across, within = build_s / tower_s, build_s / build_tower_s
     sec.goal(f"index build of {n:,} images within 10% of the tower's time on them",
-             f"{build_s:.1f} s vs {tower_s:.1f} s ({build_s / tower_s:.2f}x)" + ("" if quiet else "; contended"),
-             bool(build_s <= 1.1 * tower_s) if quiet else None)
+             f"{build_s:.1f} s vs {tower_s:.1f} s in separate passes ({across:.2f}x) and vs {build_tower_s:.1f} s "
+             f"inside the build ({within:.2f}x)" + ("" if quiet else "; contended"),
+             bool(max(across, within) <= 1.1) if quiet else None)
     sec.goal(f"a text query over {n:,} images, ITC alone, under 100 ms", f"{itc_ms:.1f} ms (median)", itc_ms < 100)
     return sec
 
@@ -189,6 +227,7 @@ def main(argv=None):
     p.add_argument("--queries", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--build-passes", type=int, default=2, help="index builds, each followed by a tower pass (default 2)")
     p.add_argument("--quiet-wait", type=float, default=10.0,
                    help="seconds to wait for other processes to go quiet before each timed block (default %(default)s)")
     p.add_argument("--workdir", type=Path, default=None, help="scratch directory, images kept (default: a temporary one)")

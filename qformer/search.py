@@ -9,8 +9,7 @@ What the index holds (a folder): ``features.safetensors`` with the normalised qu
 relative to a folder, else the data's image id), where to read it again and a stamp (size and
 modification time of a file, a content hash otherwise), plus a fingerprint of the model.
 
-* **Build** -- the images are read by DataLoader workers (``num_workers``, at the lowest CPU
-  priority, so that decoding fills the gaps of the tower instead of slowing it) while the model runs;
+* **Build** -- the images are read by DataLoader workers (``num_workers``) while the model runs;
   with several processes (``accelerate launch``) each rank encodes a contiguous slice and the
   slices are all-gathered; rank 0 writes. Unreadable images are skipped and listed.
 * **Update** -- images whose key and stamp are unchanged keep their features; new or changed
@@ -131,16 +130,6 @@ class _Pixels(Dataset):
             return i, None, exc.reason
 
 
-def _yield_to_the_model(worker_id: int) -> None:
-    """DataLoader workers decode at the lowest CPU priority: the tower's threads keep their cores
-    and decoding fills the gaps between its operations, instead of preempting one of its threads
-    (which stalls the others at the next barrier)."""
-    try:
-        os.nice(19)
-    except OSError:  # not permitted here: decoding then competes as before
-        pass
-
-
 def _collate(preprocess: Any, batch: list[tuple[int, torch.Tensor | None, str]]
              ) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
     """(indices of the readable images, their pixels stacked (b, 3, S, S), (index, reason) of every
@@ -162,8 +151,7 @@ def encode_items(model: Blip2Model, items: Sequence[ImageItem], *, batch_size: i
     reasons = [""] * len(items)
     preprocess = model.vision.preprocessor
     loader = DataLoader(_Pixels(items, preprocess), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=functools.partial(_collate, preprocess),
-                        worker_init_fn=_yield_to_the_model if num_workers else None)
+                        collate_fn=functools.partial(_collate, preprocess))
     from tqdm.auto import tqdm
 
     for good, pixels, why in tqdm(loader, desc="indexing images", unit="batch", disable=not progress):
