@@ -16,7 +16,8 @@ from test_stage2 import _text_config
 
 from qformer import Blip2, Blip2Config, QFormerConfig, VisionConfig
 from qformer.adapters import load_adapter
-from qformer.config import LLMConfig
+from qformer.cli import build_parser, card_from_args
+from qformer.config import ConfigError, LLMConfig
 from qformer.data import Stage2Collator
 from qformer.data.dataset import open_instruction_dataset
 from qformer.data.sources.base import CaptionRecord
@@ -247,6 +248,17 @@ def test_the_vqa_fine_tuning_cards():
         assert card.data.vqa_answers == "weighted" and card.data.vqa_template == TEMPLATE
         assert card.eval.instruct.num_beams == 5 and not card.data.cache_features
         check_tower_training(card, "instruct")
+        text = " ".join(build_parser("instruct", "", card=card).format_help().split())
+        assert "--vqa-answers {main,weighted}" in text and "(card: weighted)" in text
+        assert "(card: Question: {} Answer:)" in text
+    args = build_parser("instruct", "").parse_args(["--adapter", "eva-vit-g_opt-2.7b_vqa-ft", "--vqa-answers", "main",
+                                                    "--vqa-template", "Q: {} A:"])
+    card = card_from_args(args, "instruct")
+    assert (card.data.vqa_answers, card.data.vqa_template) == ("main", "Q: {} A:")
+    with pytest.raises(ConfigError, match="vqa_template needs a '{}'"):
+        load_adapter("eva-vit-g_opt-2.7b_vqa-ft", ["data.vqa_template=no question here"])
+    with pytest.raises(ConfigError, match="vqa_answers must be 'main' or 'weighted'"):
+        load_adapter("eva-vit-g_opt-2.7b_vqa-ft", ["data.vqa_answers=all"])
 
 
 # ---------------------------------------------------------------------------- the recipe
@@ -297,3 +309,30 @@ def test_vqa_fine_tuning_recipe_end_to_end(tmp_path):
     assert model.config.instruction_aware
     for (n, a), (_, b) in zip(model.llm.named_parameters(), s2.llm.named_parameters()):
         assert torch.equal(a, b), n  # the LLM stayed frozen
+
+
+def test_instruction_aware_from_takes_the_fine_tuning_tower_settings(tmp_path):
+    """instruction_aware_from(vision=...): a float32 tower from a bf16 stage-2 tower keeps its
+    weights (cast); a new image size needs the tower from vision.pretrained and is refused when
+    the stage-2 tower is not that (no pretrained name, or a trained tower)."""
+    import dataclasses
+
+    from qformer.errors import CheckpointError
+    from qformer.persistence import instruction_aware_from
+
+    s2 = vqa_model(tmp_path, "opt")
+    cfg = Blip2Config.from_dict(s2.config.to_dict())
+    cfg.instruction_aware, cfg.qformer.text_input = False, False
+    cfg.vision.dtype = "bfloat16"
+    stage2 = Blip2(cfg, llm_tokenizer=s2.llm_tokenizer, tokenizer=s2.tokenizer)
+    randomize_(stage2, 3)
+    stage1 = Blip2(Blip2Config.from_dict({**s2.config.to_dict(), "llm": None, "instruction_aware": False}),
+                   tokenizer=s2.tokenizer)
+    stage1.save_pretrained(tmp_path / "s1")
+    tower = dataclasses.replace(stage2.config.vision, dtype="float32")
+    model, report = instruction_aware_from(Blip2, stage2, stage1=tmp_path / "s1", vision=tower)
+    assert report.ok and model.config.vision.dtype == "float32"
+    for (n, a), (_, b) in zip(model.vision.named_parameters(), stage2.vision.named_parameters()):
+        assert a.dtype == torch.float32 and torch.equal(a, b.float()), n
+    with pytest.raises(CheckpointError, match="image_size 48 differs"):
+        instruction_aware_from(Blip2, stage2, stage1=tmp_path / "s1", vision=dataclasses.replace(tower, image_size=48))

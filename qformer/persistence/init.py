@@ -121,6 +121,8 @@ def instruction_aware_from(
         elsewhere[VISION_PREFIX] = f"the tower from {config.vision.pretrained!r} at {config.vision.image_size} px"
     report = load_into(model, conv, source=f"the stage-2 model + text parts from {source}", strict=strict,
                        elsewhere=elsewhere)
+    # a stage-2 tower that vision.pretrained does not give (a fine-tuned one) must still be saved
+    model.vision.weights_from_checkpoint = stage2.vision.must_be_saved and not new_size
     return model, report
 
 
