@@ -105,10 +105,25 @@ class DataConfig:
     streaming: bool = False
     caption_column: str | None = None  # default: the first of text / caption / captions / sentences
     image_column: str | None = None  # default: the first of image / image_path / file_name / ...
+    # Instruction tuning's VQA rows: one prompt template for all (BLIP-2's VQA fine-tuning; also the
+    # held-out questions' prompt) instead of InstructBLIP's ten; null: those ten (held out:
+    # "Question: {} Short answer:").
+    vqa_template: str | None = None
+    # "main": train on the most frequent human answer (InstructBLIP); "weighted": on every distinct
+    # answer, weighted by its share of the human answers (BLIP / BLIP-2 VQA fine-tuning).
+    vqa_answers: str = "main"
 
     def __post_init__(self) -> None:
         if self.cache_features and self.augment:
             raise ConfigError("data.cache_features needs data.augment=false: cached features are of un-augmented images")
+        if self.vqa_template is not None and (not isinstance(self.vqa_template, str) or "{}" not in self.vqa_template):
+            raise ConfigError(f"data.vqa_template needs a '{{}}' for the question, got {self.vqa_template!r}")
+        if self.vqa_answers not in ("main", "weighted"):
+            raise ConfigError(f"data.vqa_answers must be 'main' or 'weighted', got {self.vqa_answers!r}")
+
+    def instruction_options(self) -> dict[str, Any]:
+        """The VQA settings as :func:`qformer.data.open_instruction_mixture`'s keyword arguments."""
+        return {"vqa_template": self.vqa_template, "weighted_answers": self.vqa_answers == "weighted"}
 
     def split(self, stage: Stage) -> DataSplits:
         return getattr(self, stage_key(stage))

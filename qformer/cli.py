@@ -169,6 +169,16 @@ def build_parser(stage: Stage, description: str, *, card: AdapterCard | None = N
     d.add_argument("--cache-features", type=_bool, default=None,
                    help="cache the frozen tower's features on disk (needs --augment false)"
                         f"{dflt(data.cache_features) if data else ''}")
+    if stage == "instruct":
+        d.add_argument("--vqa-template", default=None, metavar="TEMPLATE",
+                       help="ask every VQA row (training and held-out) with this template, '{}' the question, e.g. "
+                            "'Question: {} Answer:' (BLIP-2's VQA fine-tuning); default: one of InstructBLIP's ten "
+                            "per training row, 'Question: {} Short answer:' held out"
+                            f"{dflt(data.vqa_template) if data and data.vqa_template else ''}")
+        d.add_argument("--vqa-answers", choices=["main", "weighted"], default=None,
+                       help="train a VQA row on its most frequent answer (main, InstructBLIP) or on every distinct "
+                            "answer weighted by its share of the human answers (weighted, BLIP-2's VQA fine-tuning)"
+                            f"{dflt(data.vqa_answers) if data else ''}")
     t = p.add_argument_group(f"training (the card's {stage_key(stage)} section)")
     train = card.train_config(stage) if card is not None else None
     for f in fields(TrainConfig):
@@ -216,7 +226,7 @@ def card_from_args(args: argparse.Namespace, stage: Stage) -> AdapterCard:
     for key, value in (("train", args.train_data), ("eval", args.eval_data)):
         if value is not None:  # JSON is YAML: a one-element list stays a plain spec
             overrides.append(f"data.{stage_key(stage)}.{key}={json.dumps(value[0] if len(value) == 1 else value)}")
-    for key in ("augment", "cache_features", "streaming", "caption_column", "image_column"):
+    for key in ("augment", "cache_features", "streaming", "caption_column", "image_column", "vqa_template", "vqa_answers"):
         value = getattr(args, key, None)
         # None: not given; --streaming is a store_true flag, so False means not given there too,
         # but "--augment false" / "--cache-features false" are values that override the card.

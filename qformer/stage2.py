@@ -148,8 +148,41 @@ class Stage2TextCollator:
                 raise ValueError(f"{len(prompts)} prompts for {len(captions)} captions")
             row_prompts = [self.config.prompt if p is None else p for p in prompts]
         extra = self.qformer_tokens(row_prompts) if self.qformer_tokenizer is not None else {}
+        return {**self._llm_rows(captions, row_prompts, seeds=seeds, per_row=prompts is not None), **extra}
+
+    def weighted(
+        self,
+        answers: Sequence[Sequence[tuple[str, float]]],
+        *,
+        prompts: Sequence[str | None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """VQA fine-tuning's weighted multi-answer rows: question i with answers ``[(text, weight),
+        ...]`` gives one LLM row per answer (its prompt the question's), in order, plus
+        ``answer_rows`` (R,) (the question, i.e. the image, of each row) and ``answer_weights``
+        (R,) for :class:`Stage2Objective`; the Q-Former's instruction tokens stay one row per
+        question (B), since the Q-Former reads each question once."""
+        answers = [list(a) for a in answers]
+        if not answers or any(not a for a in answers):
+            raise ValueError("weighted answers need at least one (answer, weight) per question")
+        if prompts is not None and len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts for {len(answers)} questions")
+        questions = [self.config.prompt if prompts is None or p is None else p for p in (prompts or [None] * len(answers))]
+        rows = [i for i, a in enumerate(answers) for _ in a]
+        out = self._llm_rows([t for a in answers for t, _ in a], [questions[i] for i in rows], seeds=None, per_row=True)
+        if self.qformer_tokenizer is not None:
+            out.update(self.qformer_tokens(questions))
+        out["answer_rows"] = torch.tensor(rows, dtype=torch.long)
+        out["answer_weights"] = torch.tensor([float(w) for a in answers for _, w in a], dtype=torch.float32)
+        return out
+
+    def _llm_rows(self, captions: list[str], row_prompts: list[str], *, seeds: Sequence[int] | None,
+                  per_row: bool) -> dict[str, torch.Tensor]:
+        """The LLM's tensors of (prompt, caption) rows; ``per_row``: the prompts are instructions
+        (not the card's one prompt): causal rows keep each answer whole, seq2seq rows skip the
+        prefix-LM split and truncate the instruction on the left."""
+        prompts = row_prompts if per_row else None
         if not self.encoder_decoder and prompts is not None:
-            return {**self._instruction_rows(row_prompts, captions), **extra}
+            return self._instruction_rows(row_prompts, captions)
         if not self.encoder_decoder:
             old = self.tokenizer.padding_side
             self.tokenizer.padding_side = "right"
@@ -161,7 +194,7 @@ class Stage2TextCollator:
             lengths = {p: self._prompt_length(p) for p in set(row_prompts)}
             for i, p in enumerate(row_prompts):
                 labels[i, : lengths[p]] = -100
-            return dict(input_ids=tok.input_ids, attention_mask=tok.attention_mask, labels=labels, **extra)
+            return dict(input_ids=tok.input_ids, attention_mask=tok.attention_mask, labels=labels)
         if self.config.text_mode == "prefix_lm" and prompts is None:
             gens = [torch.Generator().manual_seed(int(x)) for x in seeds] if seeds is not None else [self.generator] * len(captions)
             pairs = [split_prefix_lm(c, g) for c, g in zip(captions, gens)]
@@ -180,7 +213,6 @@ class Stage2TextCollator:
             attention_mask=enc.attention_mask,
             labels=labels,
             decoder_attention_mask=dec.attention_mask,
-            **extra,
         )
 
 
@@ -197,7 +229,19 @@ class Stage2Output:
 class Stage2Objective(nn.Module):
     """``forward(batch) -> Stage2Output``: next-token CE of the frozen LLM on the captions,
     conditioned on the projected query outputs. Batches come from :class:`Stage2TextCollator`
-    plus ``pixel_values`` (or ``vision_features`` / ``image_embeds``)."""
+    plus ``pixel_values`` (or ``vision_features`` / ``image_embeds``).
+
+    With ``answer_rows`` / ``answer_weights`` (VQA fine-tuning, :meth:`Stage2TextCollator.weighted`)
+    the loss is BLIP's weighted multi-answer loss: each LLM row r is one distinct answer a of
+    question q(r), its loss the sum of its target tokens' negative log-likelihoods (the
+    end-of-text token included), and
+
+        loss = (1 / B) * sum_r  w_r * NLL(a_r | image, q(r))
+
+    with B the number of questions (images) and w_r the answer's share of the question's human
+    answers (a question's weights sum to 1): a mean over questions of each question's expected
+    answer loss. The image, tower and Q-Former run once per question; the soft prompts are
+    repeated for its answers."""
 
     def __init__(self, model: Blip2Model) -> None:
         super().__init__()
@@ -220,6 +264,8 @@ class Stage2Objective(nn.Module):
         image_embeds: torch.Tensor | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        answer_rows: torch.Tensor | None = None,  # (R,) the question of each LLM row (weighted answers)
+        answer_weights: torch.Tensor | None = None,  # (R,) each row's answer weight
         image_ids: torch.Tensor | None = None,  # accepted (and unused) so stage-1 batches fit
         step: int | None = None,  # accepted (and unused): the loop passes every objective its step
         generator: torch.Generator | None = None,  # accepted (and unused): no random draw in stage 2
@@ -238,6 +284,12 @@ class Stage2Objective(nn.Module):
             image_embeds = model.embed_image(pixel_values, vision_features=vision_features)
         prompts = model.soft_prompts(image_embeds, instruction_ids=qformer_input_ids,
                                      instruction_mask=qformer_attention_mask, frames=frames)  # (B, T*Q, H)
+        weighted = answer_rows is not None
+        if weighted != (answer_weights is not None):
+            raise ValueError("answer_rows and answer_weights come together (Stage2TextCollator.weighted)")
+        questions = prompts.shape[0]
+        if weighted:
+            prompts = prompts[answer_rows]  # (R, T*Q, H): each answer row gets its question's soft prompts
         b, q = prompts.shape[:2]
         text = input_embeddings(model.llm, input_ids)  # (B, L, H)
         embeds = torch.cat([prompts.to(text.dtype), text], dim=1)
@@ -246,13 +298,27 @@ class Stage2Objective(nn.Module):
             out = model.llm(
                 inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_attention_mask
             )
-            return Stage2Output(loss=out.loss, logits=out.logits, targets=labels)
+            if not weighted:
+                return Stage2Output(loss=out.loss, logits=out.logits, targets=labels)
+            nll = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                  reduction="none").view_as(labels).sum(1)  # (R,)
+            return Stage2Output(loss=_weighted_mean(nll, answer_weights, questions), logits=out.logits, targets=labels)
         full = torch.cat([labels.new_full((b, q), -100), labels], dim=1)  # (B, Q+L)
         nxt = full[:, 1:]
         positions = F.pad(nxt != -100, (0, 1), value=False)  # position t predicts full[t+1]
         logits = causal_logits_at(model.llm, embeds, mask, positions)  # (N, V)
         targets = nxt[nxt != -100]
-        return Stage2Output(loss=F.cross_entropy(logits.float(), targets), logits=logits, targets=targets)
+        if not weighted:
+            return Stage2Output(loss=F.cross_entropy(logits.float(), targets), logits=logits, targets=targets)
+        token_nll = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+        row_of = positions.nonzero(as_tuple=True)[0]  # (N,) the row of each target, in the same order
+        nll = token_nll.new_zeros(b).index_add(0, row_of, token_nll)  # (R,) per answer row
+        return Stage2Output(loss=_weighted_mean(nll, answer_weights, questions), logits=logits, targets=targets)
+
+
+def _weighted_mean(nll: torch.Tensor, weights: torch.Tensor, questions: int) -> torch.Tensor:
+    """sum_r w_r * nll_r / questions (see :class:`Stage2Objective`)."""
+    return (weights.to(nll) * nll).sum() / questions
 
 
 __all__ = ["Stage2Objective", "Stage2Output", "Stage2TextCollator", "split_prefix_lm"]

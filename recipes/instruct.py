@@ -10,7 +10,10 @@ InstructBLIP starts from BLIP-2; the Q-Former's text parts, which LAVIS-style st
 drop, come from the stage-1 model (--stage1-from, default runs/ADAPTER/stage1/model). Data:
 instruction rows {image|video, instruction|question, answer|answers}, LLaVA conversations, VQA
 files (InstructBLIP's VQA templates) and caption datasets (its captioning templates), mixed in
-proportion to the square root of their sizes. Prints held-out VQA accuracy per question type:
+proportion to the square root of their sizes. BLIP-2's VQA fine-tuning is this recipe with one
+template, weighted answers and the tower unfrozen (adapters/eva-vit-g_opt-2.7b_vqa-ft.yaml:
+--vqa-template, --vqa-answers weighted, --vision-trainable-blocks). Prints held-out VQA accuracy
+per question type (and VQAv2 accuracy when every question has several answers):
 the instruction-tuned model, the BLIP-2 model it started from (zero-shot) and an image-blind
 baseline. Writes card.json, checkpoints/, model/, metrics.jsonl, loss_curve.png, results.json,
 results.md, answers.jsonl, data_report.json and TensorBoard logs (tb/) to --output-dir (default
@@ -19,6 +22,7 @@ runs/ADAPTER/instruct).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from qformer import Blip2, Stage2Objective, Stage2TextCollator
@@ -46,20 +50,34 @@ def main() -> None:
     # ---------------------------------------------------------------- model
     # InstructBLIP starts from BLIP-2: same tower, LLM, queries, Q-Former and projection; the
     # Q-Former now also reads the instruction, with the text parts stage 1 trained.
-    llm = card.blip2_config(stage=2).llm  # the card's LLM settings: dtype, 8-/4-bit, LoRA (as stage 2)
+    wanted = card.blip2_config(stage=2)  # the card's LLM settings: dtype, 8-/4-bit, LoRA (as stage 2)
+    llm = wanted.llm
     blip2 = Blip2.from_pretrained(init_from, llm_dtype=llm.dtype, llm_quantization=llm.quantization)
-    model, report = instruction_aware_from(Blip2, blip2, stage1=stage1_from if stage1_from.is_dir() else None)
+    # VQA fine-tuning (BLIP-2) trains the tower too, at the card's resolution and in float32.
+    tower = None
+    if train.vision_trainable_blocks:
+        tower = dataclasses.replace(blip2.config.vision, image_size=wanted.vision.image_size, dtype=wanted.vision.dtype)
+    model, report = instruction_aware_from(Blip2, blip2, stage1=stage1_from if stage1_from.is_dir() else None,
+                                           vision=tower)
     run.print(report)
     if llm.lora is not None and model.config.llm.lora is None:  # fresh LoRA adapters train with the Q-Former
         model.llm = add_lora(model.llm, llm.lora, quantized=llm.quantization is not None)
         model.config.llm.lora = dict(llm.lora)
-    model.set_stage(2)  # the query path, the instruction's text parts and the projection train
+    # The query path, the instruction's text parts and the projection train (and the tower's last
+    # vision_trainable_blocks blocks, for BLIP-2's VQA fine-tuning); the LLM stays frozen.
+    model.set_stage(2, vision_trainable_blocks=train.vision_trainable_blocks)
     model.qformer.set_gradient_checkpointing(train.gradient_checkpointing)
-    run.print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M")
+    if model.vision.trains:
+        model.vision.set_gradient_checkpointing(train.gradient_checkpointing)
+    run.print(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M; "
+              f"{'trainable' if model.vision.trains else 'frozen'} vision tower: {model.vision.describe()}")
 
     # ---------------------------------------------------------------- data
-    mixture = open_instruction_mixture(data.train, seed=train.seed, **card.data.source_options())
-    run.print(f"instruction data: {mixture.name}, {len(mixture)} draws per epoch")
+    mixture = open_instruction_mixture(data.train, seed=train.seed, **card.data.instruction_options(),
+                                       **card.data.source_options())
+    run.print(f"instruction data: {mixture.name}, {len(mixture)} draws per epoch; VQA rows asked "
+              f"{repr(card.data.vqa_template) if card.data.vqa_template else 'with InstructBLIP templates'}, trained "
+              f"{'on every answer, weighted' if card.data.vqa_answers == 'weighted' else 'on the most frequent answer'}")
     # With the cache, the frozen tower runs once per distinct image (never on augmented pixels);
     # video clips are sampled frames, not cached images, so data with videos runs the tower live.
     use_cache = card.data.cache_features and not mixture.has_video
@@ -88,14 +106,18 @@ def main() -> None:
     if questions is not None and not args.resume:  # the BLIP-2 model it starts from, zero-shot, BLIP-2's prompt
         with run.phase("eval"):
             before = answer_all(blip2.eval(), None)
+        vqa = before.metrics.get("vqa_accuracy")
         run.print(f"BLIP-2 zero-shot on {len(questions)} held-out questions: exact match "
-                  f"{before.metrics['exact_match']:.1f}%")
+                  f"{before.metrics['exact_match']:.1f}%" + (f", VQAv2 accuracy {vqa:.1f}%" if vqa is not None else ""))
     del blip2  # its LLM lives on in the instruction-aware model
 
+    asked = card.data.vqa_template or INSTRUCT_VQA_TEMPLATE  # a fine-tuned model is asked as it was trained
+
     def evaluate(step: int) -> dict[str, float]:
-        result = answer_all(model, INSTRUCT_VQA_TEMPLATE)
-        run.print(f"\nstep {step}: held-out VQA exact match {result.metrics['exact_match']:.1f}%\n"
-                  + result.sample_lines(6))
+        result = answer_all(model, asked)
+        vqa = result.metrics.get("vqa_accuracy")
+        run.print(f"\nstep {step}: held-out VQA exact match {result.metrics['exact_match']:.1f}%"
+                  + (f", VQAv2 accuracy {vqa:.1f}%" if vqa is not None else "") + "\n" + result.sample_lines(6))
         if run.is_main:
             write_rows(result)
         return dict(result.metrics)
@@ -113,6 +135,12 @@ def main() -> None:
         table = comparison_table(questions, tuned=state.last_eval, zero_shot=before.metrics if before else None,
                                  blind=image_blind_baseline(questions))
         run.print("\nheld-out VQA exact match (%), per question type\n" + table.markdown())
+        if "vqa_accuracy" in state.last_eval:
+            run.print(f"held-out VQAv2 accuracy: {state.last_eval['vqa_accuracy']:.1f}%"
+                      + (f" (BLIP-2 zero-shot {before.metrics['vqa_accuracy']:.1f}%)"
+                         if before is not None and "vqa_accuracy" in before.metrics else ""))
+            if before is not None and "vqa_accuracy" in before.metrics:
+                state.last_eval["zero_shot/vqa_accuracy"] = before.metrics["vqa_accuracy"]
         state.last_eval.update(table.flat())
     cfg = model.config
     finish_recipe(run, card, "instruct", state, model, task="vqa",

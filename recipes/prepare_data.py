@@ -8,13 +8,16 @@
     # Visual Genome as BLIP-2 uses it (LAVIS vg_caption.json), or from the raw region descriptions
     python recipes/prepare_data.py vg --captions vg_caption.json --image-root /data/vg --output data/vg.jsonl
     python recipes/prepare_data.py vg --regions region_descriptions.json --image-data image_data.json --max-per-image 10 --image-root /data/vg --output data/vg_regions.jsonl
+    # VQAv2 (official questions + annotations; images COCO_train2014_<id>.jpg under /data/coco/train2014)
+    python recipes/prepare_data.py vqav2 --questions v2_OpenEnded_mscoco_train2014_questions.json --annotations v2_mscoco_train2014_annotations.json --image-root /data/coco/train2014 --output data/vqav2_train.jsonl
     # a folder of images with sidecar captions (cat.jpg + cat.txt) or a CSV -> folder/metadata.jsonl
     python recipes/prepare_data.py folder my_images/
 
     accelerate launch recipes/stage1.py --adapter ... --train-data data/coco_train.jsonl data/vg.jsonl --eval-data data/coco_val.jsonl
 
 Rows are {"image", "caption", "image_id"}, one per caption (folders: an imagefolder metadata.jsonl
-of {"file_name", "text"}). Captions are only stripped: BLIP-2's cleaning happens in the collator.
+of {"file_name", "text"}; VQAv2: {"image", "question", "answers", "question_id", "image_id",
+"question_type", "answer_type"}, one per question). Captions are only stripped: BLIP-2's cleaning happens in the collator.
 Empty captions, duplicate region phrases, annotations of unknown images and (--check-images)
 missing image files are dropped and counted. A summary is printed and written next to the output
 as <output>.report.json. The output is written to a temp file and renamed (with the permissions your
@@ -28,14 +31,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qformer.data.prepare import PrepareReport, prepare_coco, prepare_folder, prepare_vg, report_path
+from qformer.data.prepare import PrepareReport, prepare_coco, prepare_folder, prepare_vg, prepare_vqav2, report_path
 from qformer.errors import QFormerError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     formatter = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    sub = p.add_subparsers(dest="dataset", required=True, metavar="{coco,vg,folder}")
+    sub = p.add_subparsers(dest="dataset", required=True, metavar="{coco,vg,vqav2,folder}")
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--limit", type=int, default=None, metavar="N",
@@ -79,6 +82,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     vg.add_argument("--max-per-image", type=int, default=None, metavar="N",
                     help="at most N captions per image (with --regions: those of the N largest regions)")
 
+    vqa = sub.add_parser("vqav2", parents=[images, common], formatter_class=formatter,
+                         help="VQAv2: the official questions + annotations JSON -> one row per question",
+                         description="VQAv2 -> {image, question, answers (ten), question_id, image_id, question_type,\n"
+                                     "answer_type} rows, joined on question_id; for recipes/instruct.py (VQA\n"
+                                     "fine-tuning: --train-data / --eval-data) and recipes/evaluate.py --task vqa.\n\n"
+                                     "--image-root is the split's image folder itself (/data/coco/train2014): images\n"
+                                     "are COCO_<data_subtype>_<image_id, 12 digits>.jpg there.")
+    vqa.add_argument("--questions", required=True, metavar="JSON", help="v2_OpenEnded_mscoco_<split>_questions.json")
+    vqa.add_argument("--annotations", required=True, metavar="JSON", help="v2_mscoco_<split>_annotations.json")
+    vqa.add_argument("--data-subtype", default=None, metavar="SPLIT",
+                     help="the image file names' split, e.g. train2014 (default: the files' data_subtype)")
+
     folder = sub.add_parser("folder", parents=[common], formatter_class=formatter,
                             help="a folder of images with sidecar .txt captions or a CSV -> metadata.jsonl",
                             description="A folder of images -> an imagefolder metadata.jsonl ({file_name, text}),\n"
@@ -107,6 +122,10 @@ def prepare(args: argparse.Namespace) -> PrepareReport:
         return prepare_coco(karpathy=args.karpathy, annotations=args.annotations, output=args.output,
                             image_root=args.image_root, check_images=args.check_images, limit=args.limit,
                             group=args.group, progress=progress)
+    if args.dataset == "vqav2":
+        return prepare_vqav2(questions=args.questions, annotations=args.annotations, output=args.output,
+                             image_root=args.image_root, data_subtype=args.data_subtype, check_images=args.check_images,
+                             limit=args.limit, progress=progress)
     if args.dataset == "vg":
         return prepare_vg(captions=args.captions, regions=args.regions, image_data=args.image_data, output=args.output,
                           image_root=args.image_root, max_per_image=args.max_per_image, check_images=args.check_images,

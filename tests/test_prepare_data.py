@@ -408,3 +408,115 @@ def test_readers_open_the_output(coco: Path) -> None:
     sample = ds[0]
     assert isinstance(sample, Sample) and tuple(sample.pixel_values.shape) == (3, 16, 16)
     assert sample.caption == "a red square on a table"  # BLIP-2's cleaning, in the pipeline
+
+
+# ----------------------------------------------------------------------------------------------
+# VQAv2: the official questions + annotations files
+# ----------------------------------------------------------------------------------------------
+
+def _vqav2(root: Path) -> tuple[Path, Path, Path]:
+    """Tiny files in the official layout: 3 images (one missing on disk), 5 questions, one of
+    them without an annotation; answers as annotators give them (10 per question)."""
+    images = root / "train2014"
+    for image_id in (9, 25):
+        _png(images / f"COCO_train2014_{image_id:012d}.jpg")
+    questions = [{"image_id": 9, "question": "What color is the bus?", "question_id": 9000},
+                 {"image_id": 9, "question": "Is it raining?", "question_id": 9001},
+                 {"image_id": 25, "question": "How many giraffes are there?", "question_id": 25000},
+                 {"image_id": 30, "question": "What is on the table?", "question_id": 30000},
+                 {"image_id": 25, "question": "Is this a zoo?", "question_id": 25001}]
+
+    def ann(qid, image_id, answers, qtype, atype):
+        return {"question_id": qid, "image_id": image_id, "question_type": qtype, "answer_type": atype,
+                "multiple_choice_answer": answers[0],
+                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]}
+
+    annotations = [ann(9000, 9, ["red"] * 7 + ["orange"] * 2 + ["red and white"], "what color is the", "other"),
+                   ann(9001, 9, ["no"] * 9 + ["yes"], "is it", "yes/no"),
+                   ann(25000, 25, ["2"] * 6 + ["two"] * 3 + ["3"], "how many", "number"),
+                   ann(30000, 30, ["food"] * 10, "what is on the", "other")]
+    q = _json(root / "v2_OpenEnded_mscoco_train2014_questions.json",
+              {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "license": {},
+               "data_subtype": "train2014", "questions": questions})
+    a = _json(root / "v2_mscoco_train2014_annotations.json",
+              {"info": {}, "license": {}, "data_subtype": "train2014", "annotations": annotations})
+    return q, a, images
+
+
+def test_vqav2_joins_questions_and_annotations(tmp_path: Path) -> None:
+    from qformer.data.prepare import prepare_vqav2
+    from qformer.eval.tasks import load_vqa_questions
+
+    q, a, images = _vqav2(tmp_path / "vqa")
+    out = tmp_path / "out" / "vqav2_train.jsonl"
+    report = prepare_vqav2(questions=q, annotations=a, output=out, image_root=images, check_images=True)
+    rows = _rows(out)
+    assert [r["question_id"] for r in rows] == [9000, 9001, 25000]
+    first = rows[0]
+    assert first["image"] == str(images / "COCO_train2014_000000000009.jpg") and Path(first["image"]).is_file()
+    assert first["question"] == "What color is the bus?" and len(first["answers"]) == 10
+    assert first["answers"][:7] == ["red"] * 7 and first["answers"][-1] == "red and white"
+    assert (first["question_type"], first["answer_type"], first["image_id"]) == ("what color is the", "other", 9)
+    assert report.rows == 3 and report.captions == 30 and report.images == 2
+    assert report.skipped == {"missing_image": 1, "no_annotation": 1} and report.missing_files == 1
+    assert json.loads(report_path(out).read_text())["skipped"] == report.skipped
+    # the readers take it as it is: VQA evaluation and the instruction recipe's weighted VQA rows
+    questions = load_vqa_questions(out)
+    assert [x.answer_type for x in questions] == ["other", "yes/no", "number"] and len(questions[2].answers) == 10
+    from qformer.data import open_instruction_mixture
+
+    mix = open_instruction_mixture([str(out)], vqa_template="Question: {} Answer:", weighted_answers=True)
+    recs = sorted((mix.record(i) for i in range(len(mix))), key=lambda r: r.key)
+    assert {r.prompt for r in recs} == {f"Question: {x['question']} Answer:" for x in rows}
+    assert all(len(r.answers) == 10 for r in recs)
+    # without --check-images (and without a root) every annotated question is kept, bare file names
+    out2 = tmp_path / "out" / "all.jsonl"
+    report = prepare_vqav2(questions=q, annotations=a, output=out2, limit=2)
+    assert [r["image"] for r in _rows(out2)] == ["COCO_train2014_000000000009.jpg"] * 2 and report.stopped_at_limit
+
+
+def test_vqav2_layout_errors_name_the_file(tmp_path: Path) -> None:
+    from qformer.data.prepare import prepare_vqav2
+
+    q, a, images = _vqav2(tmp_path / "vqa")
+    out = tmp_path / "o.jsonl"
+    with pytest.raises(PrepareError, match=f"{a.name}.*has no 'annotations' list"):
+        prepare_vqav2(questions=q, annotations=_json(a, {"questions": []}), output=out)
+    q2, a2, _ = _vqav2(tmp_path / "v2")
+    with pytest.raises(PrepareError, match=f"{q.name}: expected VQAv2's questions layout"):
+        prepare_vqav2(questions=_json(q, [1, 2]), annotations=a2, output=out)
+    data = json.loads(q2.read_text())
+    del data["questions"][1]["question"]
+    with pytest.raises(PrepareError, match=r"q3.json: questions\[1\] has no 'question'"):
+        prepare_vqav2(questions=_json(tmp_path / "q3.json", data), annotations=a2, output=out)
+    data = json.loads(a2.read_text())
+    data["annotations"][0]["answers"] = "red"
+    with pytest.raises(PrepareError, match=r"a3.json: annotations\[0\] has a str 'answers'"):
+        prepare_vqav2(questions=q2, annotations=_json(tmp_path / "a3.json", data), output=out)
+    data = json.loads(q2.read_text())
+    data["questions"][0]["image_id"] = 25  # the annotation says 9: files of different splits
+    with pytest.raises(PrepareError, match="question_id 9000 is about image 25"):
+        prepare_vqav2(questions=_json(tmp_path / "q4.json", data), annotations=a2, output=out)
+    data = json.loads(q2.read_text())
+    del data["data_subtype"]
+    b = json.loads(a2.read_text())
+    del b["data_subtype"]
+    with pytest.raises(PrepareError, match="no 'data_subtype'"):
+        prepare_vqav2(questions=_json(tmp_path / "q5.json", data), annotations=_json(tmp_path / "a5.json", b), output=out)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PrepareError, match="bad.json: not valid JSON"):
+        prepare_vqav2(questions=tmp_path / "bad.json", annotations=a2, output=out)
+    assert not out.exists()
+
+
+def test_vqav2_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    q, a, images = _vqav2(tmp_path / "vqa")
+    script = _load_script()
+    out = tmp_path / "v.jsonl"
+    assert script.main(["vqav2", "--questions", str(q), "--annotations", str(a), "--image-root", str(images),
+                        "--output", str(out), "--no-progress"]) == 0
+    assert "vqav2: wrote 4 rows (40 answers, 3 images)" in capsys.readouterr().out
+    assert script.main(["vqav2", "--questions", str(tmp_path / "none.json"), "--annotations", str(a),
+                        "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none.json: no such file" in err[0]

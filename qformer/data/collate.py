@@ -57,6 +57,9 @@ class CollatedSamples:
     vision_features: torch.Tensor | None  # (B, N, C) float32
     report: DataReport
     prompts: list[str | None] | None = None  # per-sample instructions (instruction tuning), else None
+    # Per-sample weighted targets (VQA fine-tuning) when any sample has them (the others: their
+    # caption at weight 1), else None.
+    answers: list[tuple[tuple[str, float], ...]] | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -112,6 +115,7 @@ def collate_samples(items: Sequence[Sample | Skipped]) -> CollatedSamples:
         vision_features=vision_features,
         report=report,
         prompts=[s.prompt for s in good] if any(s.prompt is not None for s in good) else None,
+        answers=[s.answers or ((s.caption, 1.0),) for s in good] if any(s.answers for s in good) else None,
     )
 
 
@@ -153,7 +157,9 @@ class Stage1Collator:
 class Stage2Collator:
     """Stage-2 batches: the images (or cached features) plus the LLM tensors of
     :class:`qformer.stage2.Stage2TextCollator` (prompt handling, BLIP-2's label rules, the
-    prefix-LM split), ``image_ids`` and the batch's counts under ``data_stats``."""
+    prefix-LM split), ``image_ids`` and the batch's counts under ``data_stats``. A batch with
+    weighted answers (VQA fine-tuning) has one LLM row per (question, distinct answer), with
+    ``answer_rows`` / ``answer_weights`` (see :meth:`~qformer.stage2.Stage2TextCollator.weighted`)."""
 
     def __init__(self, text_collator: Any, *, seed: int = 0) -> None:
         self.text = text_collator
@@ -164,8 +170,11 @@ class Stage2Collator:
         if len(collated) == 0:
             return {DATA_STATS_KEY: collated.report}
         seeds = [sample_seed(self.seed, 0, key) for key in collated.keys]  # prefix-LM split per sample
-        text = self.text(collated.captions, seeds=seeds, prompts=collated.prompts) if collated.prompts is not None \
-            else self.text(collated.captions, seeds=seeds)
+        if collated.answers is not None:
+            text = self.text.weighted(collated.answers, prompts=collated.prompts)
+        else:
+            text = self.text(collated.captions, seeds=seeds, prompts=collated.prompts) \
+                if collated.prompts is not None else self.text(collated.captions, seeds=seeds)
         return {
             **collated.image_inputs(),
             **text,

@@ -252,10 +252,12 @@ def open_caption_dataset(
 
 
 
-def _instruction_part(entry: Any, *, image_root: Any = None, **source_options: Any) -> tuple[InstructionSource, float | None]:
+def _instruction_part(entry: Any, *, image_root: Any = None, template: str | None = None, weighted: bool = False,
+                      **source_options: Any) -> tuple[InstructionSource, float | None]:
     """One dataset of an instruction mixture: ``entry`` is a spec (a path: an instruction / LLaVA /
     VQA file is recognised by its fields, anything else is a caption dataset) or a dict
-    ``{"path": spec, "task": auto|instruction|vqa|caption, "weight": w}``."""
+    ``{"path": spec, "task": auto|instruction|vqa|caption, "weight": w}``; ``template`` /
+    ``weighted`` as :meth:`InstructionSource.from_file`."""
     if isinstance(entry, dict):
         entry = dict(entry)
         spec, task, weight = entry.pop("path", entry.pop("spec", None)), entry.pop("task", "auto"), entry.pop("weight", None)
@@ -274,7 +276,8 @@ def _instruction_part(entry: Any, *, image_root: Any = None, **source_options: A
         task = "auto" if looks_instructed else "caption"
     if task == "caption" or not is_file:
         return InstructionSource.from_captions(open_caption_source(spec, **source_options)), weight
-    return InstructionSource.from_file(spec, task=task, image_root=image_root), weight
+    return InstructionSource.from_file(spec, task=task, image_root=image_root, template=template,
+                                       weighted=weighted), weight
 
 
 def _first_row(path: Path) -> dict:
@@ -285,12 +288,15 @@ def _first_row(path: Path) -> dict:
 
 
 def open_instruction_mixture(specs: Any, *, weights: list[float] | None = None, seed: int = 0,
+                             vqa_template: str | None = None, weighted_answers: bool = False,
                              **source_options: Any) -> InstructionMixture:
     """The instruction datasets of ``specs`` (one or a list; see :func:`open_instruction_dataset`)
     as one mixture: sampled in proportion to the square root of their sizes (InstructBLIP), or to
-    the ``weight`` of each entry / ``weights``."""
+    the ``weight`` of each entry / ``weights``. ``vqa_template``: VQA rows all asked this way
+    (default: one of InstructBLIP's ten per row); ``weighted_answers``: rows with several answers
+    train on all of them, weighted (BLIP-2's VQA fine-tuning; default: the most frequent one)."""
     entries = list(specs) if isinstance(specs, (list, tuple)) else [specs]
-    parts = [_instruction_part(e, **source_options) for e in entries]
+    parts = [_instruction_part(e, template=vqa_template, weighted=weighted_answers, **source_options) for e in entries]
     given = [w for _, w in parts]
     if weights is None and any(w is not None for w in given):
         if not all(w is not None for w in given):

@@ -19,6 +19,7 @@ many epochs read it (see :mod:`qformer.data.report`).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -66,6 +67,9 @@ class Sample:
     mode: str = "RGB"
     index: int | None = None
     prompt: str | None = None  # the instruction (instruction tuning); None: the card's prompt
+    # Weighted targets (VQA fine-tuning): each distinct cleaned answer and its share of the human
+    # answers (the shares sum to 1); None: ``caption`` is the one target.
+    answers: tuple[tuple[str, float], ...] | None = None
 
 
 @dataclass(kw_only=True)
@@ -143,6 +147,19 @@ class SampleProcessor:
             raise SkipSample("empty_caption", record.where, repr(raw[:40]))
         return caption
 
+    def answers_of(self, record: CaptionRecord) -> tuple[tuple[str, float], ...] | None:
+        """A record's weighted targets: each distinct answer after cleaning (so "Yes" and "yes."
+        are one answer) with its share of the non-empty cleaned answers, the most frequent first
+        (ties: the first given). None when the record has no ``answers``."""
+        if record.answers is None:
+            return None
+        cleaned = [c for c in (self.captions(a) for a in record.answers if isinstance(a, str)) if c]
+        if not cleaned:
+            raise SkipSample("empty_caption", record.where, f"no answer left of {list(record.answers)[:3]!r}")
+        counts = Counter(cleaned)
+        order = sorted(counts, key=lambda a: (-counts[a], cleaned.index(a)))
+        return tuple((a, counts[a] / len(cleaned)) for a in order)
+
     def _check_size(self, size: tuple[int, int], where: str) -> None:
         if min(size) < self.min_image_size:
             raise SkipSample("tiny_image", where, f"{size[0]}x{size[1]} < {self.min_image_size}px")
@@ -197,6 +214,7 @@ class SampleProcessor:
             return _skipped(record.reason, record.where)
         try:
             caption = self.caption_of(record)
+            answers = self.answers_of(record)
             features = pixels = None
             if record.video:
                 pixels, mode = self.video_of(record, generator), "RGB"
@@ -213,7 +231,7 @@ class SampleProcessor:
             return _skipped(skip.reason, skip.where)
         return Sample(caption=caption, image_id=record.image_id, key=record.key, source=record.source,
                       pixel_values=pixels, vision_features=features, mode=mode, prompt=record.prompt,
-                      report=converted_report(mode) if mode != "RGB" else None)
+                      answers=answers, report=converted_report(mode) if mode != "RGB" else None)
 
     def validate(self, record: CaptionRecord | BadRecord) -> DataReport:
         """Check a record without transforming it (for pre-scans): the delta it would count.
@@ -225,6 +243,7 @@ class SampleProcessor:
             return _skipped(record.reason, record.where).report
         try:
             self.caption_of(record)
+            self.answers_of(record)
             if self.feature_cache is not None:
                 _, mode = self._cached_features(record)
             else:

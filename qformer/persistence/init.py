@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Blip2Config
+from ..config import Blip2Config, VisionConfig
 from ..errors import CheckpointError
 from ..model import Blip2Model, is_stage1_only, is_text_input
 from ..tokenizer import load_qformer_tokenizer
@@ -60,21 +60,36 @@ def instruction_aware_from(
     stage1: str | os.PathLike | None = None,
     tokenizer=None,
     strict: bool = True,
+    vision: VisionConfig | None = None,
 ) -> tuple[Blip2Model, LoadReport]:
     """An instruction-aware (InstructBLIP) model started from a BLIP-2 stage-2 model, as
     InstructBLIP starts from BLIP-2: the same tower, LLM (shared, not copied), ``ln_vision``,
     queries, Q-Former query path and projection; the Q-Former's text-input parts (word/position
     embeddings, text FFNs) from ``stage2`` when it kept them, else from the ``stage1`` model
     directory it was trained from (LAVIS's stage-2 models drop them: LAVIS #344). ``tokenizer``:
-    the Q-Former tokenizer (default: ``stage2``'s, else the one saved with ``stage1``)."""
+    the Q-Former tokenizer (default: ``stage2``'s, else the one saved with ``stage1``).
+
+    ``vision``: other tower settings (BLIP-2's VQA fine-tuning: float32 weights, 490 px). A new
+    ``dtype`` keeps the stage-2 tower's weights (cast); a new ``image_size`` builds the tower
+    from ``vision.pretrained`` at that size (timm resamples the position table), which is the
+    stage-2 model's tower only when that one was frozen: a trained (saved) tower is refused."""
     if stage2.config.llm is None:
         raise CheckpointError("an instruction-aware model starts from a stage-2 model (one with an LLM)")
     config = Blip2Config.from_dict(stage2.config.to_dict())
+    new_size = vision is not None and vision.image_size != config.vision.image_size
+    if new_size and (stage2.vision.must_be_saved or not vision.pretrained):
+        raise CheckpointError(f"vision.image_size {vision.image_size} differs from the stage-2 model's "
+                              f"{config.vision.image_size}, and its tower is "
+                              + ("a trained one (its weights are not vision.pretrained's)" if vision.pretrained
+                                 else "not named by vision.pretrained") + ": keep the stage-2 model's image size")
+    if vision is not None:
+        config.vision = VisionConfig.from_dict(vision.to_dict())
     config.qformer.text_input, config.qformer.lm_head = True, False
     config.stage1_heads, config.instruction_aware = False, True
     if config.llm.text_mode == "prefix_lm":
         config.llm.text_mode = "prompt"  # instruction -> answer, not BLIP-2's prefix-LM split
-    own_sd = {k: v for k, v in stage2.state_dict().items() if not k.startswith("llm.")}
+    own_sd = {k: v for k, v in stage2.state_dict().items()
+              if not k.startswith("llm.") and not (new_size and k.startswith(VISION_PREFIX))}
     text_sd: dict[str, torch.Tensor] = {}
     source = "the stage-2 model"
     if not any(is_text_input(k) for k in own_sd):
@@ -102,8 +117,12 @@ def instruction_aware_from(
         else:
             conv.unrecognised.append(key)
     elsewhere = {k: "the stage-2 model's frozen LLM (shared)" for k in frozen_llm_keys(model)}
+    if new_size:
+        elsewhere[VISION_PREFIX] = f"the tower from {config.vision.pretrained!r} at {config.vision.image_size} px"
     report = load_into(model, conv, source=f"the stage-2 model + text parts from {source}", strict=strict,
                        elsewhere=elsewhere)
+    # a stage-2 tower that vision.pretrained does not give (a fine-tuned one) must still be saved
+    model.vision.weights_from_checkpoint = stage2.vision.must_be_saved and not new_size
     return model, report
 
 

@@ -31,13 +31,15 @@ against the output's directory, exactly as the readers will.
 
 Modules: :mod:`.report` (:class:`PrepareReport`, :class:`PrepareError`), :mod:`.collector`
 (validation, counting and atomic output shared by every dataset), :mod:`.layout` (strict JSON
-readers), :mod:`.coco`, :mod:`.vg`, :mod:`.folder`.
+readers), :mod:`.coco`, :mod:`.vg`, :mod:`.folder`, :mod:`.vqav2` (VQAv2's questions + annotations ->
+one row per question with its ten answers, for VQA fine-tuning and evaluation).
 """
 
 from .coco import prepare_coco
 from .folder import prepare_folder
 from .report import IMAGE_EXTENSIONS, SKIP_REASONS, PrepareError, PrepareReport, report_path
 from .vg import prepare_vg
+from .vqav2 import prepare_vqav2
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -47,5 +49,6 @@ __all__ = [
     "prepare_coco",
     "prepare_folder",
     "prepare_vg",
+    "prepare_vqav2",
     "report_path",
 ]

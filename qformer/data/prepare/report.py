@@ -24,6 +24,9 @@ SKIP_REASONS: tuple[str, ...] = (
     "over_max_per_image",  # VG: beyond --max-per-image for that image
     "missing_image",  # the image file does not exist (checked with check_images; always for folders)
     "no_caption",  # folder: an image without a sidecar .txt / CSV row
+    "no_annotation",  # VQAv2: a question with no annotation (answers) in the annotations file
+    "empty_question",  # VQAv2: an empty question
+    "empty_answers",  # VQAv2: a question whose answers are all empty
 )
 
 
@@ -63,7 +66,8 @@ class PrepareReport:
 
     def summary(self) -> str:
         """A few lines for a terminal: what was written, then each skip reason with examples."""
-        lines = [f"{self.dataset}: wrote {self.rows} rows ({self.captions} captions, {self.images} images) "
+        texts = "answers" if self.dataset == "vqav2" else "captions"  # VQAv2 rows are questions with ten answers
+        lines = [f"{self.dataset}: wrote {self.rows} rows ({self.captions} {texts}, {self.images} images) "
                  f"to {self.output} in {self.seconds:.1f}s"]
         if self.stopped_at_limit:
             lines.append(f"  stopped at --limit {self.limit}: the counts cover only the part read")

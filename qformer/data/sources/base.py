@@ -94,6 +94,9 @@ class CaptionRecord:
     prompt: str | None = None
     # ``image`` is a video file or a frame folder (sampled to the model's num_frames).
     video: bool = False
+    # VQA fine-tuning with weighted answers: every human answer (VQAv2's ten, repeats kept), each
+    # distinct one a target weighted by its share; None: ``caption`` is the one target.
+    answers: tuple[str, ...] | None = None
 
     @property
     def where(self) -> str:

@@ -17,8 +17,11 @@ Formats (``task="auto"`` tells them apart by their fields):
 * ``task="caption"``: any caption dataset the training recipes read, each caption the answer to
   one of InstructBLIP's captioning templates.
 
-Several answers (VQAv2's ten) train on the most frequent one (ties: the first given). A row's
-template is fixed by a hash of its key (the same in every epoch, rank and resume).
+Several answers (VQAv2's ten) train on the most frequent one (ties: the first given), or with
+``weighted=True`` (BLIP-2's VQA fine-tuning) on every distinct answer, weighted by its share of
+the human answers (the record's ``answers``; the loss is :class:`qformer.stage2.Stage2Objective`'s).
+A VQA row's template is one of InstructBLIP's ten, fixed by a hash of its key (the same in every
+epoch, rank and resume), or the one ``template`` given (fine-tuning asks one way).
 :class:`InstructionMixture` samples datasets with probability proportional to the square root of
 their size (InstructBLIP's rule), or to given weights.
 """
@@ -75,14 +78,24 @@ def pick_template(templates: Sequence[str], key: str) -> str:
     return templates[h % len(templates)]
 
 
+def answer_list(value: Any) -> list[str]:
+    """The non-empty answers of an answer cell, in order, repeats kept (a string is one answer;
+    VQAv2 ``[{"answer": ...}]`` objects give their ``answer``)."""
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, (list, tuple)):
+        answers = [a.get("answer") if isinstance(a, dict) else a for a in value]
+        return [a for a in answers if isinstance(a, str) and a.strip()]
+    return []
+
+
 def main_answer(value: Any) -> str | None:
     """The training target of an answer cell: a string, or the most frequent of a list (VQAv2
     ``[{"answer": ...}]`` objects too; ties: the first given)."""
     if isinstance(value, str):
         return value
     if isinstance(value, (list, tuple)) and value:
-        answers = [a.get("answer") if isinstance(a, dict) else a for a in value]
-        answers = [a for a in answers if isinstance(a, str) and a.strip()]
+        answers = answer_list(value)
         if answers:
             counts = Counter(answers)
             return max(answers, key=lambda a: (counts[a], -answers.index(a)))
@@ -107,9 +120,14 @@ class InstructionSource(CaptionSource):
 
     @classmethod
     def from_file(cls, path: str | Path, *, task: str = "auto", image_root: str | Path | None = None,
-                  name: str | None = None) -> "InstructionSource":
-        """Read an instruction / LLaVA / VQA file (``task`` as in :data:`TASKS`, not "caption")."""
+                  name: str | None = None, template: str | None = None, weighted: bool = False) -> "InstructionSource":
+        """Read an instruction / LLaVA / VQA file (``task`` as in :data:`TASKS`, not "caption").
+        ``template``: the one prompt template of VQA rows (``{}`` is the question; default: one of
+        :data:`VQA_TEMPLATES` per row). ``weighted``: rows with several answers keep them all
+        (``CaptionRecord.answers``) for the weighted multi-answer loss."""
         path = Path(path)
+        if template is not None and (not isinstance(template, str) or "{}" not in template):
+            raise DatasetSpecError(f"{path}: a VQA template needs a '{{}}' for the question, got {template!r}")
         if not path.is_file():
             raise FileNotFoundError(2, "instruction file not found", str(path))
         if task not in TASKS or task == "caption":
@@ -127,7 +145,7 @@ class InstructionSource(CaptionSource):
             kind = task if task != "auto" else "llava" if "conversations" in row else "vqa" if (
                 "question" in row and "instruction" not in row and "answers" in row) else "instruction"
             tasks.add(kind)
-            records.extend(_records_of(row, n, where, kind, root, name))
+            records.extend(_records_of(row, n, where, kind, root, name, template=template, weighted=weighted))
         if not records:
             raise DatasetSpecError(f"{path}: no instruction rows")
         return cls(records, name=name, task="+".join(sorted(tasks)))
@@ -146,7 +164,8 @@ class InstructionSource(CaptionSource):
         return cls(records, name=f"captions:{source.name}", task="caption")
 
 
-def _records_of(row: dict, n: int, where: str, kind: str, root: Path, name: str) -> list[AnyRecord]:
+def _records_of(row: dict, n: int, where: str, kind: str, root: Path, name: str, *, template: str | None = None,
+                weighted: bool = False) -> list[AnyRecord]:
     video = "video" in row
     field = "video" if video else next((f for f in FILE_IMAGE_COLUMNS if f in row), None)
     raw = row.get(field) if field else None
@@ -172,13 +191,18 @@ def _records_of(row: dict, n: int, where: str, kind: str, root: Path, name: str)
         return out or [BadRecord(reason="bad_record", where=where, source=name, key=str(n),
                                  detail="no human -> gpt turn pair")]
     question = next((row[f] for f in INSTRUCTION_FIELDS if isinstance(row.get(f), str) and row[f].strip()), None)
-    answer = next((main_answer(row[f]) for f in ANSWER_FIELDS if f in row), None)
+    cell = next((row[f] for f in ANSWER_FIELDS if f in row), None)
+    answer = main_answer(cell)
     if question is None:
         return [BadRecord(reason="bad_record", where=where, source=name, key=str(n),
                           detail=f"no instruction (fields {list(INSTRUCTION_FIELDS)})")]
     key = str(row.get("question_id", n))
-    prompt = pick_template(VQA_TEMPLATES, f"{name}#{key}").format(question.strip()) if kind == "vqa" else question.strip()
-    return [CaptionRecord(caption=answer, prompt=prompt, key=key, **base)]
+    if kind == "vqa":
+        prompt = (template or pick_template(VQA_TEMPLATES, f"{name}#{key}")).format(question.strip())
+    else:
+        prompt = question.strip()
+    answers = tuple(answer_list(cell)) if weighted and isinstance(cell, (list, tuple)) else None
+    return [CaptionRecord(caption=answer, prompt=prompt, key=key, answers=answers or None, **base)]
 
 
 class InstructionMixture(CaptionSource):
@@ -230,5 +254,5 @@ class InstructionMixture(CaptionSource):
         return dataclasses.replace(r, key=f"{j}:{r.key}")
 
 
-__all__ = ["CAPTION_TEMPLATES", "TASKS", "VQA_TEMPLATES", "InstructionMixture", "InstructionSource", "main_answer",
-           "pick_template"]
+__all__ = ["CAPTION_TEMPLATES", "TASKS", "VQA_TEMPLATES", "InstructionMixture", "InstructionSource", "answer_list",
+           "main_answer", "pick_template"]
