@@ -80,7 +80,7 @@ python benchmarks/matmul_efficiency.py
 python benchmarks/vision_finetune_memory.py   # fine-tuning with the vision tower unfrozen: memory
 python benchmarks/search_index.py --images 10000 --workdir /tmp/search-bench   # keeps the 10,000 PNGs for reruns
 python benchmarks/feature_cache.py            # stage 1 from cached tower features vs the live tower (+ ViT-g FLOPs)
-python benchmarks/gpu.py                      # on one GPU (H100/H200): BLIP-2 sizes, < 8 min; see "GPU" below
+python benchmarks/gpu.py                      # on one GPU (H100/H200): BLIP-2 sizes, < 8 min (its section above)
 python benchmarks/gpu.py --tiny               # the same code on this CPU with tiny sizes (seconds)
 ```
 
