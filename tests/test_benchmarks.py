@@ -158,7 +158,7 @@ def test_gpu_script_tiny_run_reports_every_part_and_survives_an_oom(tmp_path):
 @pytest.mark.slow
 def test_gpu_script_tiny_full_run_in_subprocesses(tmp_path):
     """Every group, each in its own subprocess (as on a GPU), with torch.compile (aot_eager)."""
-    sec, data = _gpu_tiny(tmp_path, "--isolate", "--fail", "stage2_t5_transformers=error")
+    sec, data = _gpu_tiny(tmp_path, "--isolate", "--budget", "1500", "--fail", "stage2_t5_transformers=error")
     m = data["measurements"]
     import gpu
 
