@@ -515,9 +515,10 @@ class Section:
             parts.append("")
         return "\n".join(parts)
 
-    def save(self, name: str) -> Path:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        path = RESULTS_DIR / f"{name}.json"
+    def save(self, name: str, directory: Path | None = None) -> Path:
+        directory = RESULTS_DIR if directory is None else Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{name}.json"
         path.write_text(json.dumps(
             {"title": self.title, "intro": self.intro, "tables": self.tables, "notes": self.notes,
              "goals": self.goals, "data": self.data}, indent=1, default=str))

@@ -41,12 +41,28 @@ BENCHMARKS = {
                                     "--rounds", "3", "--steps", "2", "--warmup", "2"],
                  ["--family", "instructblip", "--llms", "opt", "--precisions", "bf16", "--rounds", "2", "--steps", "1",
                   "--warmup", "1"]),
+    "feature_cache": ("feature_cache.py", ["--rounds", "3", "--steps", "2", "--warmup", "2"],
+                      ["--rounds", "2", "--steps", "1", "--warmup", "1", "--precisions", "bf16"]),
     "search": ("search_index.py", ["--images", "10000", "--queries", "20", "--batch-size", "256"],
                ["--images", "2000", "--queries", "10", "--batch-size", "256"]),
 }
 RESULT_NAMES = {"stage1": "stage1_step", "stage2": "stage2_step", "generation": "generation",
                 "retrieval": "retrieval_scaling", "matmul": "matmul_efficiency",
-                "vision_finetune": "vision_finetune_memory", "instruct": "instruct_step", "search": "search_index"}
+                "vision_finetune": "vision_finetune_memory", "instruct": "instruct_step", "search": "search_index",
+                "feature_cache": "feature_cache", "gpu": "gpu"}
+
+GPU_PENDING = """\
+## GPU: BLIP-2 sizes on one GPU (`benchmarks/gpu.py`)
+
+Ready, figures pending a GPU (none is available to this project yet). `python benchmarks/gpu.py` on one
+H100/H200 runs, in under 8 minutes, EVA ViT-g/14 + the BERT-base Q-Former with OPT-2.7B and FlanT5-XL
+shapes (random weights built on the device, the cards' batch sizes, bf16): samples/s and
+`torch.cuda.max_memory_allocated` of stage 1 (eager, `torch.compile`d, from cached features), stage 2
+(ours and transformers' `Blip2ForConditionalGeneration` on the same weight tensors), beam-5 generation
+(both), and the caption fine-tuning step with and without the tower's activation checkpointing; each
+part has a time budget and an out-of-memory part is reported, not fatal. It writes `results/gpu.json`
+(then embedded here) and `results/gpu.md`. Goal: stage 1 with EVA ViT-g ≥ 150 samples/s, compiled.
+The same code runs on the CPU with tiny sizes (`--tiny`, tested in `tests/test_benchmarks.py`)."""
 
 HOW_TO_RUN = """\
 ## How to run
@@ -63,6 +79,9 @@ python benchmarks/retrieval_scaling.py --sizes 100 200 400 800 1600 --k 16
 python benchmarks/matmul_efficiency.py
 python benchmarks/vision_finetune_memory.py   # fine-tuning with the vision tower unfrozen: memory
 python benchmarks/search_index.py --images 10000 --workdir /tmp/search-bench   # keeps the 10,000 PNGs for reruns
+python benchmarks/feature_cache.py            # stage 1 from cached tower features vs the live tower (+ ViT-g FLOPs)
+python benchmarks/gpu.py                      # on one GPU (H100/H200): BLIP-2 sizes, < 8 min (its section above)
+python benchmarks/gpu.py --tiny               # the same code on this CPU with tiny sizes (seconds)
 ```
 
 The LAVIS side needs the oracle venv (`.venv-lavis`, or `QFORMER_LAVIS_PYTHON=/path/to/python`) and
@@ -143,6 +162,8 @@ def write_readme(info: dict, durations: dict[str, float], failures: dict[str, in
     for key in RESULT_NAMES:
         if key in sections:
             parts.append(sections[key].markdown(level=2))
+    if "gpu" not in sections:
+        parts += [GPU_PENDING, ""]
     profiles = sorted(C.PROFILE_DIR.glob("*.txt"))
     if profiles:
         parts += ["## Profiles", "",

@@ -114,3 +114,58 @@ def test_profile_call_writes_the_top_operators(tmp_path):
     out = C.profile_call(lambda: torch.ones(64, 64) @ torch.ones(64, 64), tmp_path / "p.txt", title="a title")
     text = (tmp_path / "p.txt").read_text()
     assert out == {"path": str(tmp_path / "p.txt")} and text.startswith("a title") and "aten::mm" in text
+
+
+def _gpu_tiny(tmp_path, *extra):
+    import json
+
+    import gpu
+
+    sec = gpu.main(["--tiny", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), "--measure-s", "0",
+                    *extra])
+    data = json.loads((tmp_path / "out" / "gpu.json").read_text())["data"]
+    assert (tmp_path / "out" / "gpu.md").read_text().startswith("## GPU")
+    assert data == json.loads(json.dumps(sec.data, default=str))
+    return sec, data
+
+
+def _check_ok(row, batch):
+    assert row["status"] == "ok", row
+    assert row["batch"] == batch and 2 <= row["steps"] <= 3 and row["median_s"] > 0
+    assert abs(row["samples_per_s"] - batch / row["median_s"]) < 1e-9 * row["samples_per_s"]
+    assert row["peak_memory_bytes"] > 2**20
+
+
+def test_gpu_script_tiny_run_reports_every_part_and_survives_an_oom(tmp_path):
+    """benchmarks/gpu.py --tiny: the GPU script's code on the CPU at toy sizes; an out-of-memory
+    error in one measurement (injected) is reported in its row and the others still run."""
+    sec, data = _gpu_tiny(tmp_path, "--only", "stage1", "opt", "--fail", "stage1_eager=oom")
+    m = data["measurements"]
+    assert data["mode"] == "tiny" and data["machine"]["device"] == "cpu"
+    assert m["stage1_eager"]["status"] == "oom" and "injected" in m["stage1_eager"]["detail"]
+    _check_ok(m["stage1_cached"], 4)
+    for name in ("stage2_opt_ours", "stage2_opt_transformers", "generate_opt_ours", "generate_opt_transformers"):
+        _check_ok(m[name], 4)
+    assert m["stage2_opt_transformers"]["library"] == "transformers" and m["stage2_opt_ours"]["library"] == "qformer"
+    same, rows = m["generate_opt_transformers"]["identical_rows"].split("/")
+    assert rows == "4" and 0 <= int(same) <= 4
+    assert not any(k.startswith(("stage2_t5", "vision_ft", "stage1_compiled")) for k in m)
+    # the goal needs the compiled run (not in this run) and a GPU (never judged with --tiny)
+    assert data["goal"]["met"] is None and data["goal"]["samples_per_s"] is None
+    assert [g[0] for g in sec.goals] == ["stage 1 with EVA ViT-g ≥ 150 samples/s, compiled"]
+
+
+@pytest.mark.slow
+def test_gpu_script_tiny_full_run_in_subprocesses(tmp_path):
+    """Every group, each in its own subprocess (as on a GPU), with torch.compile (aot_eager)."""
+    sec, data = _gpu_tiny(tmp_path, "--isolate", "--budget", "1500", "--fail", "stage2_t5_transformers=error")
+    m = data["measurements"]
+    import gpu
+
+    assert set(m) == {n for _, names in gpu.GROUPS.values() for n in names}
+    assert m["stage2_t5_transformers"]["status"] == "error" and "RuntimeError" in m["stage2_t5_transformers"]["detail"]
+    for name, row in m.items():
+        if name != "stage2_t5_transformers":
+            _check_ok(row, 4)
+    assert "aot_eager" in m["stage1_compiled"]["what"] and "checkpointing on" in m["vision_ft_checkpointed"]["what"]
+    assert data["goal"]["samples_per_s"] == m["stage1_compiled"]["samples_per_s"] and data["goal"]["met"] is None

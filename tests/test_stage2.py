@@ -216,6 +216,26 @@ def test_export_round_trip(hf_pair, tmp_path):
     assert ours.generate(px, "a", num_beams=2, max_new_tokens=5) == back.generate(px, "a", num_beams=2, max_new_tokens=5)
 
 
+def test_to_transformers_holds_the_same_tensors(hf_pair):
+    """The in-memory conversion (benchmarks/gpu.py runs both libraries on one set of weights):
+    the Q-Former and LLM tensors are shared, not copied, and the loss is transformers' own."""
+    from qformer.llm import base_llm
+    from qformer.persistence import to_transformers
+
+    kind, _, ours, *_ = hf_pair
+    hf, tok = to_transformers(ours)
+    assert hf.query_tokens.data_ptr() == ours.query_tokens.data_ptr()
+    assert (hf.language_model.get_input_embeddings().weight.data_ptr()
+            == base_llm(ours.llm).get_input_embeddings().weight.data_ptr())
+    assert tok.convert_tokens_to_ids("<image>") == hf.config.image_token_index
+    batch = Stage2TextCollator(ours.llm_tokenizer, ours.config.llm, encoder_decoder=kind == "t5")(CAPTIONS)
+    px = pixels(seed=4)
+    with torch.no_grad():
+        a = Stage2Objective(ours.eval())(pixel_values=px, **batch).loss
+        c = hf.eval()(pixel_values=px, **_hf_inputs(kind, batch, hf.config.image_token_index)).loss
+    assert abs(a - c) < 1e-5
+
+
 def test_our_format_round_trip_with_llm(hf_pair, tmp_path):
     kind, _, ours, *_ = hf_pair
     ours.save_pretrained(tmp_path / "m")

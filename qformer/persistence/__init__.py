@@ -27,7 +27,7 @@ from .eva import (
     lavis_eva_timm_kwargs,
     lavis_eva_vision_config,
 )
-from .export import IMAGE_TOKEN, export_transformers
+from .export import IMAGE_TOKEN, export_transformers, to_transformers
 from .instructblip import QFORMER_TOKENIZER_DIR, instructblip_to_ours, ours_to_instructblip
 from .hf import blip2_config_from_hf, build_llm_from_state_dict
 from .init import init_from_stage1, init_qformer_from_bert, instruction_aware_from
@@ -58,6 +58,7 @@ __all__ = [
     "convert_eva_timm_to_blip2_hf",
     "convert_lavis_eva_to_timm",
     "export_transformers",
+    "to_transformers",
     "hf_retrieval_to_ours",
     "init_from_stage1",
     "instructblip_to_ours",

@@ -174,12 +174,45 @@ def export_transformers(model: Blip2Model, directory: Path) -> None:
     the text config and the generation config. A model without an LLM is written as
     ``Blip2ForImageTextRetrieval`` (:func:`export_transformers_retrieval`)."""
     import transformers
-    from transformers import GenerationConfig
 
     cfg = model.config
     if cfg.llm is None:
         export_transformers_retrieval(model, directory)
         return
+    hf, tok = to_transformers(model)
+    family = "InstructBlipVideo" if cfg.video else "InstructBlip" if cfg.instruction_aware else "Blip2"
+    q = cfg.qformer.num_query_tokens
+    with atomic_dir(directory) as tmp:
+        hf.save_pretrained(str(tmp))
+        if family == "Blip2":
+            processor = transformers.Blip2Processor(image_processor=_image_processor(model), tokenizer=tok,
+                                                    num_query_tokens=q)
+        elif family == "InstructBlip":
+            processor = transformers.InstructBlipProcessor(image_processor=_image_processor(model), tokenizer=tok,
+                                                           qformer_tokenizer=model.tokenizer, num_query_tokens=q)
+        else:
+            vcfg = cfg.vision
+            video_processor = transformers.InstructBlipVideoVideoProcessor(
+                size={"height": vcfg.image_size, "width": vcfg.image_size}, image_mean=list(vcfg.mean),
+                image_std=list(vcfg.std), resample=3)
+            processor = transformers.InstructBlipVideoProcessor(video_processor=video_processor, tokenizer=tok,
+                                                                qformer_tokenizer=model.tokenizer, num_query_tokens=q)
+        processor.save_pretrained(str(tmp))
+        if cfg.instruction_aware:  # the hub layout: the Q-Former's tokenizer in its own folder
+            model.tokenizer.save_pretrained(str(tmp / QFORMER_TOKENIZER_DIR))
+
+
+def to_transformers(model: Blip2Model):
+    """``(transformers model, LLM tokenizer with the placeholder token)`` holding this model's
+    weights in memory -- the same tensors, not copies, except the vision tower's fused q/k/v --
+    on the model's device: what :func:`export_transformers` writes, without the disk round trip
+    (the GPU benchmark runs both libraries on one set of multi-GB weights this way)."""
+    import transformers
+    from transformers import GenerationConfig
+
+    cfg = model.config
+    if cfg.llm is None:
+        raise CheckpointError("a model without an LLM has no transformers generation class; see export_transformers")
     if cfg.llm.quantization is not None:
         raise CheckpointError("a quantised LLM cannot be exported; load the model with llm_quantization=None first")
     if cfg.video and not cfg.instruction_aware:
@@ -213,25 +246,7 @@ def export_transformers(model: Blip2Model, directory: Path) -> None:
     hf = _assign(getattr(transformers, f"{family}ForConditionalGeneration"), hf_config, sd)
     hf.generation_config = GenerationConfig.from_model_config(hf_config.text_config)
     hf.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
-    q = cfg.qformer.num_query_tokens
-    with atomic_dir(directory) as tmp:
-        hf.save_pretrained(str(tmp))
-        if family == "Blip2":
-            processor = transformers.Blip2Processor(image_processor=_image_processor(model), tokenizer=tok,
-                                                    num_query_tokens=q)
-        elif family == "InstructBlip":
-            processor = transformers.InstructBlipProcessor(image_processor=_image_processor(model), tokenizer=tok,
-                                                           qformer_tokenizer=model.tokenizer, num_query_tokens=q)
-        else:
-            vcfg = cfg.vision
-            video_processor = transformers.InstructBlipVideoVideoProcessor(
-                size={"height": vcfg.image_size, "width": vcfg.image_size}, image_mean=list(vcfg.mean),
-                image_std=list(vcfg.std), resample=3)
-            processor = transformers.InstructBlipVideoProcessor(video_processor=video_processor, tokenizer=tok,
-                                                                qformer_tokenizer=model.tokenizer, num_query_tokens=q)
-        processor.save_pretrained(str(tmp))
-        if cfg.instruction_aware:  # the hub layout: the Q-Former's tokenizer in its own folder
-            model.tokenizer.save_pretrained(str(tmp / QFORMER_TOKENIZER_DIR))
+    return hf.to(model.device), tok  # buffers transformers built outside the weights come along
 
 
-__all__ = ["IMAGE_TOKEN", "export_transformers", "export_transformers_retrieval"]
+__all__ = ["IMAGE_TOKEN", "export_transformers", "export_transformers_retrieval", "to_transformers"]
