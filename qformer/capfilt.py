@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .data import open_caption_source
 from .data.reading import SkipSample
@@ -73,6 +73,7 @@ class CapFiltConfig:
 
     num_captions: int = 1  # synthetic captions per image (BLIP 1, BLIP-2 10)
     top_p: float = 0.9  # nucleus sampling (BLIP's captioner)
+    top_k: int = 50  # applied first, as transformers' (and so BLIP's) sampling does by default; 0: off
     temperature: float = 1.0
     max_new_tokens: int = 30  # BLIP: max_length 30
     min_new_tokens: int = 5  # BLIP: min_length 5
@@ -116,30 +117,38 @@ class CapFiltConfig:
 
 # ---------------------------------------------------------------------------- captioning
 class SeededNucleusSampler(LogitsProcessor):
-    """Nucleus sampling with one generator per row: transformers' temperature and top-p warpers
-    filter the scores, then row ``b`` draws its token from its own generator and the scores
-    become one-hot, so greedy decoding (``do_sample=False``) emits the drawn token. A row's
-    draws depend only on its seed, never on the rows it is batched with."""
+    """Top-k then nucleus (top-p) sampling, transformers' ``do_sample`` filters in their order
+    (temperature, top-k, top-p), with one generator per row: row ``b`` draws its token from
+    its own generator and the scores become one-hot, so greedy decoding (``do_sample=False``)
+    emits the drawn token. A row's draws depend only on its seed, never on the rows it is
+    batched with. Only the ``top_k`` best tokens are sorted (transformers sorts the vocabulary)."""
 
-    def __init__(self, seeds: Sequence[int], *, top_p: float = 0.9, temperature: float = 1.0) -> None:
+    def __init__(self, seeds: Sequence[int], *, top_p: float = 0.9, top_k: int = 50, temperature: float = 1.0) -> None:
         self.seeds = list(seeds)
-        self.warpers = [w for w in (TemperatureLogitsWarper(temperature) if temperature != 1.0 else None,
-                                    TopPLogitsWarper(top_p) if top_p < 1.0 else None) if w is not None]
+        self.top_p, self.top_k, self.temperature = float(top_p), int(top_k), float(temperature)
         self.generators: list[torch.Generator] | None = None
+
+    def nucleus(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities (B, k) renormalised over the kept tokens, their token ids (B, k)), best first."""
+        scores = scores.float() / self.temperature
+        k = scores.shape[1] if self.top_k <= 0 else min(self.top_k, scores.shape[1])
+        values, ids = scores.topk(k, dim=1)  # (B, k), descending
+        probs = values.softmax(dim=1)
+        before = probs.cumsum(dim=1) - probs  # mass of the better tokens
+        if self.top_p < 1.0:
+            probs = probs.masked_fill(before >= self.top_p, 0.0)  # the best token is always kept (before = 0)
+        return probs / probs.sum(dim=1, keepdim=True), ids
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if scores.shape[0] != len(self.seeds):
             raise ValueError(f"{scores.shape[0]} rows but {len(self.seeds)} seeds")
         if self.generators is None:
             self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
-        for w in self.warpers:
-            scores = w(input_ids, scores)
-        probs = scores.float().softmax(dim=-1)  # (B, V)
+        probs, ids = self.nucleus(scores)
         u = torch.stack([torch.rand((), generator=g, device=scores.device) for g in self.generators])  # (B,)
-        cdf = probs.cumsum(dim=-1)
-        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp_(max=probs.shape[1] - 1)  # (B, 1)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, token, 0.0)
+        pick = torch.searchsorted(probs.cumsum(dim=1), u.unsqueeze(1)).clamp_(max=probs.shape[1] - 1)  # (B, 1)
+        token = ids.gather(1, pick)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
 def caption_seed(seed: int, image_index: int, k: int) -> int:
@@ -158,7 +167,7 @@ def sample_captions(captioner: Blip2Model, pixels: torch.Tensor, image_indices: 
     feats = captioner.vision(pixels.to(captioner.device))  # (B, N, C): the tower runs once per image
     feats = feats.repeat_interleave(k, dim=0)  # (B*K, N, C)
     seeds = [caption_seed(config.seed, i, j) for i in image_indices for j in range(k)]
-    sampler = SeededNucleusSampler(seeds, top_p=config.top_p, temperature=config.temperature)
+    sampler = SeededNucleusSampler(seeds, top_p=config.top_p, top_k=config.top_k, temperature=config.temperature)
     texts = generate(captioner, vision_features=feats, prompt=config.prompt, num_beams=1, do_sample=False,
                      max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
                      repetition_penalty=config.repetition_penalty, batch_size=len(seeds),
@@ -337,7 +346,8 @@ def _collate(batch: list[_Decoded]) -> list[_Decoded]:
 
 # ---------------------------------------------------------------------------- one shard
 def process_shard(captioner: Blip2Model, filter_model: Blip2Model, shard: int, groups: list[ImageGroup],
-                  output_dir: Path, config: CapFiltConfig, fingerprint: str, *, progress=None) -> dict[str, Any]:
+                  output_dir: Path, config: CapFiltConfig, fingerprint: str, *, rank: int = 0,
+                  progress=None) -> dict[str, Any]:
     """Caption, score and filter one shard's images; its file is written atomically and returned
     as a dict: ``pairs`` (every scored pair, ``kept`` or not), the ``data`` report, counts."""
     processor = SampleProcessor(transform=filter_model.vision.preprocessor, captions=CaptionCleaner(max_words=config.max_words),
@@ -385,7 +395,7 @@ def process_shard(captioner: Blip2Model, filter_model: Blip2Model, shard: int, g
         kept = keep_mask(itm, itc, groups_t, config)
         for row, p, s, k in zip(rows, itm.tolist(), itc.tolist(), kept.tolist()):
             pairs.append({**row, "itm": round(p, 6), "itc": round(s, 6), "kept": bool(k)})
-    out = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "shard": shard,
+    out = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "shard": shard, "rank": rank,
            "images": len(groups), "usable_images": usable, "duplicates": duplicates,
            "data": {"counts": report.counts, "examples": report.examples}, "pairs": pairs}
     atomic_write_text(shard_path(output_dir, shard), json.dumps(out, default=str) + "\n")
@@ -463,7 +473,8 @@ def run_capfilt(captioner: Blip2Model, filter_model: Blip2Model, spec: Any, outp
                 continue
             if stop_after is not None and len(result.processed) >= stop_after:
                 continue
-            process_shard(captioner, filter_model, shard, groups, output_dir, config, fingerprint, progress=bar)
+            process_shard(captioner, filter_model, shard, groups, output_dir, config, fingerprint, rank=rank,
+                          progress=bar)
             result.processed.append(shard)
     finally:
         bar.close()

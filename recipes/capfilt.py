@@ -7,7 +7,8 @@ synthetic captions filtered by a stage-1 model, written as a caption file traini
     python recipes/stage1.py --train-data runs/capfilt/capfilt.jsonl   # pre-train on the result
 
 --captioner  a stage-2 model (ours, or any BLIP-2 checkpoint Blip2.from_pretrained loads): writes
-             --num-captions captions per image by nucleus sampling (top-p 0.9), with its
+             --num-captions captions per image by nucleus sampling (top-p 0.9 after top-k 50, as
+             transformers' and BLIP's sampling), with its
              training prompt; caption k of image i is drawn from its own seed (--seed, i, k), so
              the captions are the same whatever the number of ranks.
 --filter     a stage-1 model with the ITC / ITM heads: scores every web caption and every
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="blip: 1 caption, ITM >= 0.5; blip2: 10 captions, the best 2 by ITC (default: blip)")
     c.add_argument("--num-captions", type=int, default=None, help="synthetic captions per image (default: the mode's)")
     c.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help=f"nucleus sampling (default: {DEFAULTS.top_p})")
+    c.add_argument("--top-k", type=int, default=DEFAULTS.top_k,
+                   help=f"only the k likeliest tokens, before top-p, as transformers' sampling (default: {DEFAULTS.top_k}; 0: off)")
     c.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="sampling temperature (default: 1)")
     c.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
                    help=f"most tokens per caption (default: {DEFAULTS.max_new_tokens})")
@@ -96,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> CapFiltConfig:
     base = CapFiltConfig.blip2() if args.mode == "blip2" else CapFiltConfig()
-    changes = dict(top_p=args.top_p, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+    changes = dict(top_p=args.top_p, top_k=args.top_k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                    min_new_tokens=args.min_new_tokens, repetition_penalty=args.repetition_penalty, prompt=args.prompt,
                    seed=args.seed, rule=args.rule, shard_size=args.shard_size, batch_size=args.batch_size,
                    num_workers=args.num_workers)
@@ -134,7 +137,7 @@ def main(argv=None) -> dict:
     options = {k: v for k, v in dict(image_column=args.image_column, caption_column=args.caption_column,
                                      split=args.split, streaming=args.streaming).items() if v is not None}
     run.print(f"CapFilt ({args.mode}): {config.num_captions} caption(s) per image by {args.captioner}, filtered by "
-              f"{args.filter} (ITM >= {config.itm_threshold}, ITC top {config.itc_top_n or 'off'}, rule {config.rule}); "
+              f"{args.filter} (ITM >= {config.itm_threshold if config.itm_threshold is not None else 'off'}, ITC top {config.itc_top_n or 'off'}, rule {config.rule}); "
               f"{run.world_size} process(es)")
     result = run_capfilt(captioner, filter_model, spec, args.output_dir, config,
                          identity={"captioner": str(args.captioner.resolve()), "filter": str(args.filter.resolve())},

@@ -158,13 +158,28 @@ def test_a_captions_draws_do_not_depend_on_its_batch(tiny):
                                                           seed=1))[0] != alone[0]
 
 
-def test_the_sampler_draws_only_inside_the_nucleus():
+def test_the_sampler_keeps_what_transformers_warpers_keep_and_draws_inside_it():
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 300, generator=g) * 3
+    ids = torch.zeros(6, 1, dtype=torch.long)
+    for top_k, top_p, temperature in ((50, 0.9, 1.0), (0, 0.9, 1.0), (5, 1.0, 1.0), (20, 0.5, 0.7)):
+        want = scores.clone()
+        for w in (TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k) if top_k else None, TopPLogitsWarper(top_p)):
+            want = w(ids, want) if w is not None else want
+        sampler = SeededNucleusSampler(range(6), top_p=top_p, top_k=top_k, temperature=temperature)
+        probs, tokens = sampler.nucleus(scores)
+        for b in range(6):
+            kept = set(tokens[b][probs[b] > 0].tolist())
+            assert kept == set(torch.isfinite(want[b]).nonzero().flatten().tolist())
+            expect = want[b].softmax(dim=0)
+            assert probs[b][probs[b] > 0].tolist() == pytest.approx(expect[tokens[b][probs[b] > 0]].tolist(), abs=1e-6)
+    # draws: one-hot scores (greedy takes the drawn token), inside the nucleus, at its frequencies
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 400))
-    sampler = SeededNucleusSampler(list(range(400)), top_p=0.7)
-    out = sampler(torch.zeros(400, 1, dtype=torch.long), scores)
-    token = out.argmax(dim=1)
-    assert torch.isinf(out).sum(dim=1).eq(3).all()  # one-hot: greedy decoding takes the drawn token
-    counts = torch.bincount(token, minlength=4).tolist()
+    out = SeededNucleusSampler(list(range(400)), top_p=0.7)(torch.zeros(400, 1, dtype=torch.long), scores)
+    assert torch.isinf(out).sum(dim=1).eq(3).all()
+    counts = torch.bincount(out.argmax(dim=1), minlength=4).tolist()
     assert counts[2] == counts[3] == 0  # 0.5 + 0.3 >= 0.7: the nucleus is the first two
     assert 0.5 < counts[0] / 400 < 0.75  # 0.5 / 0.8 = 0.625 renormalised
 
@@ -240,13 +255,14 @@ def test_two_ranks_write_what_one_process_writes(tiny, tmp_path):
     assert [r["itm"] for r in a] == pytest.approx([r["itm"] for r in b], abs=1e-5)
     ra, rb = (json.loads((tmp_path / d / "capfilt_report.json").read_text()) for d in ("one", "two"))
     assert ra["images"] == rb["images"] and ra["data"]["skipped"] == rb["data"]["skipped"] and rb["world_size"] == 2
-    assert len(list((tmp_path / "two" / "shards").glob("shard-*.json"))) == 4
+    written_by = {int(f.stem[-5:]): json.loads(f.read_text())["rank"] for f in (tmp_path / "two" / "shards").glob("shard-*.json")}
+    assert written_by == {0: 0, 1: 1, 2: 0, 3: 1}  # each rank wrote its own shards
 
 
 def test_help_documents_the_options():
     out = subprocess.run([sys.executable, str(REPO / "recipes" / "capfilt.py"), "--help"], capture_output=True,
                          text=True, env=_env(), cwd=REPO, timeout=120).stdout
     for flag in ("--captioner", "--filter", "--data", "--output-dir", "--mode", "--num-captions", "--top-p",
-                 "--itm-threshold", "--itc-top-n", "--rule", "--shard-size", "--seed", "--stop-after"):
+                 "--top-k", "--itm-threshold", "--itc-top-n", "--rule", "--shard-size", "--seed", "--stop-after"):
         assert flag in out, flag
     assert "accelerate launch" in out and "capfilt.jsonl" in out and "blip2" in out
