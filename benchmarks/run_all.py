@@ -43,10 +43,13 @@ BENCHMARKS = {
                   "--warmup", "1"]),
     "search": ("search_index.py", ["--images", "10000", "--queries", "20", "--batch-size", "256"],
                ["--images", "2000", "--queries", "10", "--batch-size", "256"]),
+    "capfilt": ("capfilt_throughput.py", ["--images", "64", "--batch-size", "16"],
+                ["--images", "16", "--batch-size", "8", "--repeats", "1"]),
 }
 RESULT_NAMES = {"stage1": "stage1_step", "stage2": "stage2_step", "generation": "generation",
                 "retrieval": "retrieval_scaling", "matmul": "matmul_efficiency",
-                "vision_finetune": "vision_finetune_memory", "instruct": "instruct_step", "search": "search_index"}
+                "vision_finetune": "vision_finetune_memory", "instruct": "instruct_step", "search": "search_index",
+                "capfilt": "capfilt_throughput"}
 
 HOW_TO_RUN = """\
 ## How to run
@@ -63,6 +66,7 @@ python benchmarks/retrieval_scaling.py --sizes 100 200 400 800 1600 --k 16
 python benchmarks/matmul_efficiency.py
 python benchmarks/vision_finetune_memory.py   # fine-tuning with the vision tower unfrozen: memory
 python benchmarks/search_index.py --images 10000 --workdir /tmp/search-bench   # keeps the 10,000 PNGs for reruns
+python benchmarks/capfilt_throughput.py --images 64   # CapFilt images/s (BLIP and BLIP-2 modes), CPU model recorded
 ```
 
 The LAVIS side needs the oracle venv (`.venv-lavis`, or `QFORMER_LAVIS_PYTHON=/path/to/python`) and

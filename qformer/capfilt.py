@@ -440,7 +440,7 @@ def run_capfilt(captioner: Blip2Model, filter_model: Blip2Model, spec: Any, outp
     """CapFilt over ``spec`` (anything :func:`~qformer.data.open_caption_source` opens) into
     ``output_dir``: see the module docstring. Every rank calls it. ``identity`` (e.g. the model
     paths) goes into the fingerprint that decides whether finished shards may be reused;
-    ``stop_after``: this rank stops after that many new shards (nothing is concatenated)."""
+    ``stop_after``: this rank stops after that many new shards (concatenated only when that was the last)."""
     from tqdm.auto import tqdm
 
     config = config or CapFiltConfig()
@@ -481,7 +481,8 @@ def run_capfilt(captioner: Blip2Model, filter_model: Blip2Model, spec: Any, outp
         captioner.train(was[0]), filter_model.train(was[1])
     result.seconds = time.perf_counter() - started
     _barrier(world_size)
-    if rank == 0 and stop_after is None:
+    complete = stop_after is None or all(shard_path(output_dir, s).is_file() for s in range(result.shards))
+    if rank == 0 and complete:
         result.report = finish(output_dir, result.shards, fingerprint, config, bad, seconds=result.seconds,
                                world_size=world_size, extra={"data_spec": str(spec), "identity": identity})
         result.finished = True

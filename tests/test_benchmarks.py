@@ -114,3 +114,18 @@ def test_profile_call_writes_the_top_operators(tmp_path):
     out = C.profile_call(lambda: torch.ones(64, 64) @ torch.ones(64, 64), tmp_path / "p.txt", title="a title")
     text = (tmp_path / "p.txt").read_text()
     assert out == {"path": str(tmp_path / "p.txt")} and text.startswith("a title") and "aten::mm" in text
+
+
+@pytest.mark.slow
+def test_capfilt_throughput_smoke(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "RESULTS_DIR", tmp_path / "results")
+    import capfilt_throughput
+
+    sec = capfilt_throughput.main(["--images", "4", "--batch-size", "2", "--shard-size", "2", "--num-workers", "0",
+                                   "--repeats", "1", "--quiet-wait", "0", "--workdir", str(tmp_path)])
+    modes = sec.data["modes"]
+    assert set(modes) == {"blip", "blip2"} and modes["blip2"]["captions"] == 10
+    for r in modes.values():
+        assert r["images_per_s"] > 0 and 0 < r["captioning_s"] + r["filtering_s"] <= r["seconds"]
+        assert r["pairs"] >= 4 and r["kept"] >= 0
+    assert sec.data["cpu"] and (tmp_path / "results" / "capfilt_throughput.json").exists()
