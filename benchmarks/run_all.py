@@ -45,11 +45,14 @@ BENCHMARKS = {
                       ["--rounds", "2", "--steps", "1", "--warmup", "1", "--precisions", "bf16"]),
     "search": ("search_index.py", ["--images", "10000", "--queries", "20", "--batch-size", "256"],
                ["--images", "2000", "--queries", "10", "--batch-size", "256"]),
+    "capfilt": ("capfilt_throughput.py", ["--images", "64", "--batch-size", "16"],
+                ["--images", "16", "--batch-size", "8", "--repeats", "1"]),
 }
 RESULT_NAMES = {"stage1": "stage1_step", "stage2": "stage2_step", "generation": "generation",
                 "retrieval": "retrieval_scaling", "matmul": "matmul_efficiency",
                 "vision_finetune": "vision_finetune_memory", "instruct": "instruct_step", "search": "search_index",
-                "feature_cache": "feature_cache", "gpu": "gpu"}
+                "feature_cache": "feature_cache", "gpu": "gpu",
+                "capfilt": "capfilt_throughput"}
 
 GPU_PENDING = """\
 ## GPU: BLIP-2 sizes on one GPU (`benchmarks/gpu.py`)
@@ -82,6 +85,7 @@ python benchmarks/search_index.py --images 10000 --workdir /tmp/search-bench   #
 python benchmarks/feature_cache.py            # stage 1 from cached tower features vs the live tower (+ ViT-g FLOPs)
 python benchmarks/gpu.py                      # on one GPU (H100/H200): BLIP-2 sizes, < 8 min (its section above)
 python benchmarks/gpu.py --tiny               # the same code on this CPU with tiny sizes (seconds)
+python benchmarks/capfilt_throughput.py --images 64   # CapFilt images/s (BLIP and BLIP-2 modes), CPU model recorded
 ```
 
 The LAVIS side needs the oracle venv (`.venv-lavis`, or `QFORMER_LAVIS_PYTHON=/path/to/python`) and

@@ -169,3 +169,18 @@ def test_gpu_script_tiny_full_run_in_subprocesses(tmp_path):
             _check_ok(row, 4)
     assert "aot_eager" in m["stage1_compiled"]["what"] and "checkpointing on" in m["vision_ft_checkpointed"]["what"]
     assert data["goal"]["samples_per_s"] == m["stage1_compiled"]["samples_per_s"] and data["goal"]["met"] is None
+
+
+@pytest.mark.slow
+def test_capfilt_throughput_smoke(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "RESULTS_DIR", tmp_path / "results")
+    import capfilt_throughput
+
+    sec = capfilt_throughput.main(["--images", "4", "--batch-size", "2", "--shard-size", "2", "--num-workers", "0",
+                                   "--repeats", "1", "--quiet-wait", "0", "--workdir", str(tmp_path)])
+    modes = sec.data["modes"]
+    assert set(modes) == {"blip", "blip2"} and modes["blip2"]["captions"] == 10
+    for r in modes.values():
+        assert r["images_per_s"] > 0 and 0 < r["captioning_s"] + r["filtering_s"] <= r["seconds"]
+        assert r["pairs"] >= 4 and r["kept"] >= 0
+    assert sec.data["cpu"] and (tmp_path / "results" / "capfilt_throughput.json").exists()

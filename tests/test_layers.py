@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                                    "figures", "persistence", "data")),
     ("the user-facing model", ("blip2",)),
     ("training", ("training", "checkpoints", "metric_log", "run", "loop", "adapters", "cli")),
-    ("evaluation", ("eval", "search")),
+    ("evaluation", ("eval", "search", "capfilt")),
     ("recipes' glue", ("recipe",)),
     ("plugins' own worlds", ("toy",)),
     ("applications", ("demo",)),
