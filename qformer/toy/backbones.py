@@ -245,8 +245,7 @@ def _print_summary(root: Path, s: dict[str, Any]) -> None:
         f"scene exact {v['scene_exact_acc']:.1f}%\n"
         f"  LM: train {lm['train_s']:.0f}s, loss {lm['final_train_loss']:.3f}, held-out ppl {lm['ppl']:.2f} "
         f"(given a paraphrase {lm['ppl_given_paraphrase']:.2f}), in-context paraphrase object recall "
-        f"{lm['paraphrase_object_recall']:.0f}%, question answered from a caption {lm.get('qa_given_caption_accuracy', 0):.0f}%; "
-        f"sample: {lm['greedy_sample']!r}"
+        f"{lm['paraphrase_object_recall']:.0f}%; sample: {lm['greedy_sample']!r}"
     )
 
 

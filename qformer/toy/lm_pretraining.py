@@ -11,12 +11,6 @@ Packed paraphrases teach it (like a real LLM's in-context ability) that text bef
 prompts have something to steer. With the default budget its held-out perplexity drops
 from ~3.6 alone to ~2.0 given a paraphrase; greedy in-context paraphrasing names ~45 % of
 the objects exactly (it tends to repeat one object): a small LM, not a real LLM.
-
-A share of the sequences (``ToyLMSpec.qa_fraction``) follow a caption with one or two
-questions about its scene in InstructBLIP's VQA templates, each with its answer:
-``</s>caption\n</s>Question: how many objects are there? Short answer: 2\n``. A real LLM knows
-question-and-answer language and words like "yes", "no" and "2"; without this the toy LM has
-never produced them, and a frozen LM cannot be taught new output words by soft prompts alone.
 """
 
 from __future__ import annotations
@@ -30,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.sources.instruct import VQA_TEMPLATES
 from .language import score_caption
 from .specs import ToyLMSpec, ToyPretrainBudget
 from .trainer import autocast, train
@@ -45,17 +38,6 @@ def _lm_sequence(caps: list[str], k: int, tok: Any, rng: np.random.Generator) ->
     ids: list[int] = []
     for j in rng.permutation(len(caps))[:k]:
         ids += [bos] + tok.encode(caps[j] + "\n", add_special_tokens=False)
-    return ids
-
-
-def _qa_sequence(caps: list[str], questions: list[Any], tok: Any, rng: np.random.Generator) -> list[int]:
-    """``</s>caption\n</s>question-in-a-template answer\n`` with one or two of the scene's questions."""
-    bos = tok.bos_token_id
-    ids = [bos] + tok.encode(caps[int(rng.integers(len(caps)))] + "\n", add_special_tokens=False)
-    for j in rng.permutation(len(questions))[: int(rng.integers(1, 3))]:
-        q = questions[int(j)]
-        prompt = VQA_TEMPLATES[int(rng.integers(len(VQA_TEMPLATES)))].format(q.question)
-        ids += [bos] + tok.encode(f"{prompt} {q.answer}\n", add_special_tokens=False)
     return ids
 
 
@@ -108,12 +90,8 @@ def pretrain_lm(
     def step_loss(step: int) -> torch.Tensor:
         seqs = []
         for _ in range(budget.lm_batch):
-            index = int(rng.integers(n_train))
-            caps = world.captions(world.scene("train", index))
-            if rng.random() < spec.qa_fraction:
-                seqs.append(_qa_sequence(caps, world.questions("train", index), tok, rng))
-            else:
-                seqs.append(_lm_sequence(caps, int(rng.integers(1, 5)), tok, rng))
+            caps = world.captions(world.scene("train", int(rng.integers(n_train))))
+            seqs.append(_lm_sequence(caps, int(rng.integers(1, 5)), tok, rng))
         # Mixed 1-4 caption sequences in one batch (this matters: in-context use of the
         # paraphrases is learnt much better than with one k per batch), but run as
         # length-sorted micro-batches so short sequences are not padded to the longest;
@@ -192,18 +170,6 @@ def _eval_lm(world: ToyWorld, model: nn.Module, tok: Any, budget: ToyPretrainBud
         text = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
         recall.append(score_caption(text, sample_scene.to_dict())["recall"])
     out["paraphrase_object_recall"] = round(100.0 * float(np.mean(recall)), 2) if recall else 0.0
-    # In-context QA: after "</s>caption\n</s>Question: ... Short answer:", is the greedy answer right?
-    right = []
-    for i in range(min(budget.eval_generations, world.split_size("test"))):
-        caps = world.captions(world.scene("test", i))
-        for q in world.questions("test", i):
-            text = f"Question: {q.question} Short answer:"
-            ids = torch.tensor([[bos] + tok.encode(caps[0] + "\n", add_special_tokens=False) + [bos]
-                                + tok.encode(text, add_special_tokens=False)])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                                 eos_token_id=newline, pad_token_id=tok.pad_token_id)
-            right.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip() in q.answers)
-    out["qa_given_caption_accuracy"] = round(100.0 * float(np.mean(right)), 2) if right else 0.0
     # One greedy caption from BOS alone: a readable sanity check of the LM's language.
     gen = model.generate(torch.tensor([[bos]]), max_new_tokens=40, do_sample=False, eos_token_id=newline,
                          pad_token_id=tok.pad_token_id)

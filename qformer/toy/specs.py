@@ -21,7 +21,7 @@ __all__ = [
 
 # Bump when anything that changes the trained weights changes (world, objective, code): it is
 # part of every cache key, so old caches are then ignored instead of silently reused.
-TOY_BACKBONES_VERSION = 2  # 2: the LM also reads the world's questions and answers
+TOY_BACKBONES_VERSION = 1
 
 # Layout of a cache directory (see qformer.toy.backbones.ToyBackbones).
 VISION_SUBDIR, LM_SUBDIR, BERT_SUBDIR = "vision", "lm", "bert_tokenizer"
@@ -69,11 +69,7 @@ class ToyLMSpec:
     # Learned positions: stage 2 prepends 32 soft prompts to ~30 caption tokens; pretraining
     # packs up to 4 captions (~120 tokens), and 256 leaves room for prompts and questions.
     max_position_embeddings: int = 256
-    bpe_vocab_size: int = 640  # the captions' words, the questions' and InstructBLIP's VQA templates'
-    # Share of pretraining sequences that follow a caption with questions about its scene and their
-    # answers ("</s>caption\n</s>Question: ... Short answer: two\n"), in InstructBLIP's VQA templates: a
-    # real LLM knows question-and-answer language and "yes" / "no" / numbers; the toy LM learns them here.
-    qa_fraction: float = 0.3
+    bpe_vocab_size: int = 512
 
 
 @dataclass(frozen=True)
@@ -88,7 +84,7 @@ class ToyPretrainBudget:
     vision_steps: int = 600
     vision_batch: int = 128
     vision_lr: float = 2e-3
-    lm_steps: int = 900  # 600 before the LM also read questions (qa_fraction): as many caption steps as then
+    lm_steps: int = 600
     lm_batch: int = 32  # sequences per step, 1-4 captions each
     lm_lr: float = 2e-3
     eval_images: int = 1_000  # held-out (test split) images for the tower's accuracy

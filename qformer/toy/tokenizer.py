@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..data.sources.instruct import VQA_TEMPLATES
 from .language import caption_vocabulary
 from .world import ToyWorld
 
@@ -23,8 +22,7 @@ def build_lm_tokenizer(world: ToyWorld, vocab_size: int = 512) -> Any:
     """A byte-level BPE tokenizer for the toy LM, OPT-style.
 
     Byte-level, like OPT/GPT-2: any text round-trips and nothing maps to ``<unk>``; the BPE
-    merges are fit on world captions (and the world's questions and answers, and InstructBLIP's
-    VQA templates) so each caption word is one token. Special tokens
+    merges are fit on world captions so each caption word is one token. Special tokens
     follow OPT's ids (``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3) and ``</s>`` is both
     BOS and EOS; encoding with special tokens prepends ``</s>``, as OPT's tokenizer does.
     Captions end with ``"\\n"`` (its own token), BLIP-2's end-of-caption marker.
@@ -52,10 +50,6 @@ def build_lm_tokenizer(world: ToyWorld, vocab_size: int = 512) -> Any:
         yield from (" " + w for w in words)
         for caps in world.iter_captions("train", 0, min(500, world.split_size("train"))):
             yield from (c + "\n" for c in caps)
-        # The LM also reads questions and answers in InstructBLIP's VQA templates (lm_pretraining).
-        yield from (t.format("") + "\n" for t in VQA_TEMPLATES)
-        for i in range(min(500, world.split_size("train"))):
-            yield from (f"{q.question} {q.answer}\n" for q in world.questions("train", i))
 
     tok.train_from_iterator(corpus(), trainer=trainer)
     bos = tok.token_to_id("</s>")
