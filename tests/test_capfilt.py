@@ -266,3 +266,11 @@ def test_help_documents_the_options():
                  "--top-k", "--itm-threshold", "--itc-top-n", "--rule", "--shard-size", "--seed", "--stop-after"):
         assert flag in out, flag
     assert "accelerate launch" in out and "capfilt.jsonl" in out and "blip2" in out
+
+
+def test_dataloader_workers_give_the_same_rows(tiny, tmp_path):
+    """The recipe's default reads images in DataLoader workers: the same kept rows as in-process."""
+    m = tiny["model"]
+    run_capfilt(m, m, str(tiny["data"]), tmp_path / "a", CapFiltConfig(num_captions=2, **FAST))
+    run_capfilt(m, m, str(tiny["data"]), tmp_path / "b", CapFiltConfig(num_captions=2, num_workers=2, **FAST))
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
