@@ -33,7 +33,7 @@ from .checkpoints import CheckpointManager, TrainState
 from .errors import NonFiniteLossError
 from .metric_log import MetricLog
 from .run import Run
-from .sharding import fsdp2_active, gathered, plain, shard_
+from .sharding import fsdp2_active, gathered, plain, restore_optimizer_params, shard_
 from .training import TrainConfig, build_optimizer, build_scheduler, step_seed
 
 
@@ -119,8 +119,10 @@ def fit(
                   f"({len(plan.replicated)} parameters kept whole)")
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train)  # stepped by hand: once per optimizer step
-    raw_optimizer = optimizer
+    raw_optimizer, groups = optimizer, [list(g["params"]) for g in optimizer.param_groups]
     wrapped, optimizer = acc.prepare(objective, optimizer)
+    if sharded:
+        restore_optimizer_params(raw_optimizer, groups)
     ckpt = CheckpointManager(acc, run.output_dir, model=model, keep=train.keep_checkpoints, objective=objective,
                              sharded_optimizer=raw_optimizer if sharded else None)
     state = TrainState()

@@ -9,7 +9,7 @@ module holding frozen and trainable parameters fails (``use_orig_params`` works 
 a memory cost). FSDP2 shards each parameter on its own (a ``DTensor``), so one unit may mix
 frozen and trainable parameters; it only reduce-scatters gradients that exist. We therefore
 use FSDP2 only (FSDP1 is refused) and make one unit per transformer block -- every child of an
-``nn.ModuleList`` -- the tower's blocks, the LLM's decoder layers -- plus the root for the rest
+``nn.ModuleList`` / ``nn.Sequential`` made of parameterised modules -- the tower's blocks, the LLM's decoder layers -- plus the root for the rest
 (the Q-Former, its queries, projections and heads, embeddings). Frozen blocks are sharded like
 the others (``frozen="shard"``) or kept whole on every rank (``frozen="replicate"``: no
 all-gather for them, more memory). accelerate's ``prepare`` leaves an already sharded module
@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .config import ConfigError
+from .distributed import gather_objects
 from .med import MED
 from .momentum import MomentumTeacher
 
@@ -115,8 +115,11 @@ def shard_(
     # front (MED.image_kv), i.e. calls into its layers outside their forward, where FSDP2 would
     # not have gathered them; it is small (~100M parameters at BLIP-2's size) and trains.
     inside_qformer = {id(m) for q in module.modules() if isinstance(q, MED) for m in q.modules()}
-    blocks = {id(child) for m in module.modules() if isinstance(m, nn.ModuleList) and id(m) not in inside_qformer
-              for child in m}
+    # Blocks: children of a ModuleList / Sequential (timm keeps ViT blocks in a Sequential) that are
+    # themselves made of parameterised modules -- not the Linear / GELU of a small MLP head.
+    blocks = {id(child) for m in module.modules() if isinstance(m, (nn.ModuleList, nn.Sequential))
+              and id(m) not in inside_qformer for child in m
+              if any(any(True for _ in c.parameters()) for c in child.children())}
     named = list(module.named_modules())
     kept_whole: set[int] = set()
     for name, m in reversed(named):  # children before their parents
@@ -141,23 +144,47 @@ def shard_(
     return plan
 
 
+def restore_optimizer_params(optimizer: torch.optim.Optimizer, groups: list[list[torch.Tensor]]) -> None:
+    """Put back the parameters ``optimizer`` held before ``accelerate.prepare`` under FSDP2.
+
+    accelerate (1.15, ``Accelerator._prepare_fsdp2``) re-maps an optimizer's parameters to the
+    sharded ones by the ``data_ptr()`` of each local shard. A rank whose shard of a tiny
+    parameter is empty (the query tokens' first dimension is 1, the temperature has one
+    element) sees ``data_ptr() == 0`` for all of them, so their entries collide and that rank's
+    optimizer ends up holding one empty parameter several times and the others not at all. Our
+    model was sharded before ``prepare`` (which then leaves it as it is), so the parameters the
+    optimizer was built with are already the right ones."""
+    for group, params in zip(optimizer.param_groups, groups):
+        group["params"] = list(params)
+
+
 def plain(t: torch.Tensor) -> torch.Tensor:
     """A ``DTensor`` (e.g. a gradient norm over sharded gradients) as a full plain tensor."""
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def is_sharded(module: nn.Module) -> bool:
-    return isinstance(module, FSDPModule) or any(isinstance(m, FSDPModule) for m in module.modules())
+    """Whether ``module`` is (part of) a tree sharded by :func:`shard_`."""
+    return getattr(module, _ROOT, None) is not None
 
 
 def full_state_dict(model: nn.Module, *, trainable_only: bool = True) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict of a sharded ``model`` on CPU, in the model's own
     shapes, on rank 0 (other ranks: ``{}``). A collective: every rank must call it.
-    ``trainable_only``: frozen parameters are not gathered (the frozen LLM can be gigabytes)."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    sd = get_model_state_dict(model, options=opts)
+    ``trainable_only``: frozen parameters are not gathered (the frozen LLM can be gigabytes).
+
+    Gathered entry by entry (``DTensor.full_tensor``), so at most one full tensor is in flight."""
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad} if trainable_only else set()
     scalars = _scalar_names(model)
-    return {k: v.reshape(()) if k in scalars else v for k, v in sd.items()}
+    out = {}
+    for key, value in model.state_dict().items():
+        if key in frozen:
+            continue
+        value = plain(value).detach()
+        if rank0:
+            out[key] = (value.reshape(()) if key in scalars else value).cpu().clone()
+    return out
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -186,23 +213,38 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's full state, keyed by parameter names relative to ``model``, on rank 0
-    (others ``{}``). A collective (every rank gathers the same entries in the same order).
+    (others ``{}``). A collective.
 
     Written here rather than with torch's ``get_optimizer_state_dict``: that one first runs a
     zero-gradient step on optimizers with parameters lacking state (e.g. never reached by a
-    gradient), which moves Adam's moments and step count -- no exact resume after it."""
+    gradient), which moves Adam's moments and step count -- no exact resume after it. Ranks
+    can differ in which parameters have state (a rank whose shard of a tiny parameter is empty
+    may get no gradient for it), so the entries to gather are agreed first; a rank without an
+    entry contributes zeros for its (empty) shard."""
     names = {id(p): n for n, p in model.named_parameters()}
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # every rank's entries: sharded ones by key, the others (Adam's step) by value
+    local = {names[id(p)]: {k: ("sharded" if isinstance(v, DTensor) else v) for k, v in optimizer.state[p].items()}
+             for p in params if optimizer.state.get(p)}
+    merged: dict[str, dict[str, Any]] = {}
+    for part in gather_objects(local, world_size=world):
+        for name, entries in part.items():
+            merged.setdefault(name, {}).update({k: v for k, v in entries.items() if k not in merged.get(name, {})})
     state: dict[str, dict[str, Any]] = {}
-    groups = []
-    for group in optimizer.param_groups:
-        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]})
-        for p in group["params"]:
-            entries = optimizer.state.get(p)
-            if entries:
-                state[names[id(p)]] = {k: plain(v).detach().cpu().clone() if isinstance(v, torch.Tensor) else v
-                                       for k, v in entries.items()}
-    return {"state": state, "param_groups": groups} if rank0 else {}
+    for p in params:
+        name = names[id(p)]
+        for key, value in sorted(merged.get(name, {}).items()):
+            if value == "sharded":
+                own = optimizer.state.get(p, {}).get(key)
+                value = plain(own if own is not None else torch.zeros_like(p)).detach().cpu().clone()
+            elif isinstance(value, torch.Tensor):
+                value = value.detach().cpu().clone()
+            state.setdefault(name, {})[key] = value
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {"state": state, "param_groups": groups} if rank == 0 else {}
 
 
 def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -271,5 +313,6 @@ __all__ = [
     "load_full_optimizer_state_dict",
     "load_full_state_dict",
     "plain",
+    "restore_optimizer_params",
     "shard_",
 ]

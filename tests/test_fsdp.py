@@ -1,12 +1,17 @@
-"""FSDP2 (qformer.sharding) on two gloo ranks against one process: stage 1's losses, gradients,
-optimizer steps, and an exact resume through full (unsharded) trainable-only state dicts.
+"""FSDP2 (qformer.sharding) on two CPU gloo ranks.
 
-accelerate 1.x runs an FSDP config as DDP on a CPU machine (see qformer/sharding.py), so this
-test drives our sharding plan through torch.distributed directly; accelerate's ``prepare``
-leaves a module sharded this way as it is.
+* Directly through torch.distributed: stage 1's losses, gradients and optimizer steps against
+  one process, and an exact resume through full (unsharded) trainable-only state dicts.
+* Through ``accelerate launch`` and the stage-1 recipe (fit, checkpoints, evaluation, the final
+  save) against the same run under DDP. accelerate 1.x runs an FSDP config as DDP on a CPU
+  machine (see qformer/sharding.py), so tests/fsdp_cpu_launch.py changes that one decision.
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_distributed import NEG_IMG, NEG_TXT, WORLD, B, _batch, _init, _model
 from conftest import write_bert_tokenizer
+from recipe_fixtures import make_tiny_card
+from safetensors.torch import load_file
+from test_recipes import REPO, _env, losses
 
 from qformer import Stage1Objective
 from qformer.sharding import (
@@ -139,3 +147,40 @@ def test_fsdp2_two_gloo_ranks_equal_one_process_and_resume_exactly(tmp_path, fro
 
 def _spawn_frozen(tmp_path, frozen):
     mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), frozen), nprocs=WORLD, join=True)
+
+
+# ---------------------------------------------------------------------------- through accelerate
+def _launch(script: list[str], card: Path, out: Path, *extra: str) -> str:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script,
+           "--adapter", str(card), "--output-dir", str(out), "--no-progress", "--set", "stage1.batch_size=4",
+           "--set", "model.qformer.hidden_dropout=0.1", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_recipe_under_accelerate_fsdp2_equals_ddp_and_resumes_exactly(tmp_path):
+    """Stage 1 through ``accelerate launch`` with FSDP2 (tests/fsdp_cpu_launch.py: accelerate's
+    own FSDP path, with only its CPU-means-DDP decision changed) logs the losses of the same run
+    under DDP, writes the same weights, and a run stopped at a checkpoint and resumed equals it."""
+    card = make_tiny_card(tmp_path / "tiny")
+    fsdp = [str(REPO / "tests" / "fsdp_cpu_launch.py"), str(REPO / "recipes" / "stage1.py")]
+    _launch([str(REPO / "recipes" / "stage1.py")], card, tmp_path / "ddp")
+    out = _launch(fsdp, card, tmp_path / "fsdp")
+    assert "FSDP2: 3 units over 2 ranks" in out  # the tower's 2 blocks + the root
+    _launch(fsdp, card, tmp_path / "part", "--stop-after", "3")
+    assert "resumed from" in _launch(fsdp, card, tmp_path / "part", "--resume")
+    assert sorted((tmp_path / "part" / "checkpoints" / "step-00000003").iterdir()) == [
+        tmp_path / "part" / "checkpoints" / "step-00000003" / n for n in ("model", "optimizer.pt", "trainer_state.json")]
+    ddp, full, part = (losses(tmp_path / d) for d in ("ddp", "fsdp", "part"))
+    assert sorted(ddp) == sorted(full) == sorted(part) == [1, 2, 3, 4, 5, 6]
+    for step in ddp:
+        for key in ddp[step]:
+            assert full[step][key] == pytest.approx(ddp[step][key], abs=1e-5), (step, key)
+            assert part[step][key] == pytest.approx(full[step][key], abs=1e-6), (step, key)
+    weights = [load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("ddp", "fsdp", "part")]
+    assert set(weights[0]) == set(weights[1]) == set(weights[2]) and weights[1]["temp"].shape == torch.Size([])
+    for k, v in weights[0].items():
+        assert torch.allclose(weights[1][k], v, atol=1e-5) and torch.allclose(weights[2][k], weights[1][k], atol=1e-6), k
