@@ -117,6 +117,10 @@ def fit(
                       offload_policy=plugin.cpu_offload if plugin.cpu_offload else None)
         run.print(f"FSDP2: {len(plan.units)} units over {run.world_size} ranks; frozen blocks {train.fsdp_frozen}ed "
                   f"({len(plan.replicated)} parameters kept whole)")
+    if str(acc.distributed_type).split(".")[-1] == "DEEPSPEED":
+        # prepare() gets no DataLoader (ours is resumable and sharded by rank already), so DeepSpeed
+        # learns the per-GPU micro-batch here.
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train.batch_size
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train)  # stepped by hand: once per optimizer step
     raw_optimizer, groups = optimizer, [list(g["params"]) for g in optimizer.param_groups]
