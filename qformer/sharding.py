@@ -287,10 +287,14 @@ def gathered(module: nn.Module) -> Iterator[None]:
     if root is None:
         yield
         return
-    groups = []
-    for m in root.modules():
-        if isinstance(m, FSDPModule):
-            groups.extend(m._get_fsdp_state()._fsdp_param_groups)
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    groups = [g for m in units for g in m._get_fsdp_state()._fsdp_param_groups]
+    # No resharding after each forward while gathered: a rank may run more forwards than another
+    # (uneven evaluation shards), and a unit resharded after its forward would all-gather again.
+    resharding = {id(m): any(g.post_forward_mesh_info is not None for g in m._get_fsdp_state()._fsdp_param_groups)
+                  for m in units}
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
     for g in groups:
         g.lazy_init()
         g.unshard()
@@ -298,6 +302,8 @@ def gathered(module: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
+        for m in units:
+            m.set_reshard_after_forward(resharding[id(m)], recurse=False)
         for g in groups:
             g.reshard()
 

@@ -70,6 +70,8 @@ def _worker(rank: int, store: str, out: str, frozen: str) -> None:
     after_two = full_state_dict(m)
     with gathered(objective), torch.no_grad():  # a method other than forward on the sharded model
         sims = m.similarity(_batch(m, sl)["pixel_values"], ["a red circle", "two dogs"])
+        for _ in range(rank):  # uneven evaluation work: no collective may hide in a forward here
+            m.similarity(_batch(m, sl)["pixel_values"], ["a red circle"])
     # resume: a fresh sharded model + optimizer from the step-1 state dicts, then step 2 again
     dist.broadcast_object_list(box := [model_sd, optim_sd], src=0)
     fresh = _model(f"{out}/tok")
