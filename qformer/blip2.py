@@ -89,13 +89,16 @@ class Blip2(Blip2Model):
         return generation.answer(self, images, questions, videos=videos, **options)
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | os.PathLike, *, include_frozen: bool = True) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, *, include_frozen: bool = True,
+                        state_dict: "dict[str, torch.Tensor] | None" = None) -> None:
         """Write ``model.safetensors`` + ``config.json`` + tokenizers (+ ``llm/``) atomically.
 
         ``include_frozen=False`` leaves the frozen vision tower and LLM out (training
         checkpoints); they are then rebuilt from ``vision.pretrained`` / ``llm.path``.
+        ``state_dict``: the weights to write instead of the model's own (a model sharded with
+        FSDP2 holds only shards; :func:`qformer.sharding.full_state_dict` gathers them).
         """
-        save_blip2(self, Path(directory), include_frozen=include_frozen)
+        save_blip2(self, Path(directory), include_frozen=include_frozen, state_dict=state_dict)
 
     def export_transformers(self, directory: str | os.PathLike) -> None:
         """Write a directory that ``transformers.Blip2ForConditionalGeneration.from_pretrained``

@@ -8,6 +8,12 @@ an objective with state of its own (stage 1's momentum teacher: EMA weights and 
 ``objective.checkpoint_state()``), ``objective_state.safetensors``.
 accelerate writes into a temporary directory which is renamed only when every process has
 finished, so a run killed mid-save leaves the previous checkpoint intact.
+
+Under FSDP2 (:mod:`qformer.sharding`) accelerate's ``save_state`` would write every parameter,
+frozen LLM included, as sharded files; instead the trainable weights are gathered to rank 0
+and written as the same ``model/`` and the optimizer as ``optimizer.pt`` (full tensors keyed
+by parameter name), so a checkpoint does not depend on the number of ranks. RNG states are not
+needed: every step's randomness is seeded from the step (:func:`qformer.training.step_seed`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
 from .io import atomic_write_text
+from .sharding import full_optimizer_state_dict, full_state_dict, load_full_optimizer_state_dict, load_full_state_dict
 from .weights import safe_torch_load
 
 
@@ -52,16 +59,21 @@ class CheckpointManager:
 
     STATE = "trainer_state.json"
     OBJECTIVE = "objective_state.safetensors"
+    OPTIMIZER = "optimizer.pt"  # FSDP2 only: full optimizer state by parameter name
 
-    def __init__(self, accelerator, output_dir: Path, *, model, keep: int = 2, objective=None) -> None:
+    def __init__(self, accelerator, output_dir: Path, *, model, keep: int = 2, objective=None,
+                 sharded_optimizer: torch.optim.Optimizer | None = None) -> None:
         """``objective``: the unwrapped training objective; if it has ``checkpoint_state()`` /
         ``load_checkpoint_state(state, source=...)`` its state (the same on every rank) is saved
-        by the main process and restored on every rank."""
+        by the main process and restored on every rank. ``sharded_optimizer``: the (unwrapped)
+        optimizer of a model sharded with FSDP2; checkpoints are then written as described in
+        the module docstring."""
         self.accelerator = accelerator
         self.root = Path(output_dir) / "checkpoints"
         self.keep = keep
         self.model = model
         self.objective = objective
+        self.sharded_optimizer = sharded_optimizer
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
 
@@ -72,6 +84,14 @@ class CheckpointManager:
         weights.clear()  # accelerate must not write its own copy
 
     def _load_hook(self, models, input_dir) -> None:
+        sd, own = self._read_weights(input_dir)
+        with torch.no_grad():
+            for k, v in sd.items():
+                own[k].copy_(v)
+        models.clear()
+
+    def _read_weights(self, input_dir) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The checkpoint's ``model/`` weights, checked against the model (and its state dict)."""
         path = Path(input_dir) / "model" / "model.safetensors"
         try:
             sd = load_file(str(path))
@@ -83,10 +103,21 @@ class CheckpointManager:
         if missing or unexpected:
             raise CheckpointError(f"checkpoint {input_dir} does not fit the model: missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for k, v in sd.items():
-                own[k].copy_(v)
-        models.clear()
+        return sd, own
+
+    # -- FSDP2: full trainable weights and optimizer state, gathered to rank 0
+    def _save_sharded(self, directory: Path) -> None:
+        must_save_tower = bool(getattr(getattr(self.model, "vision", None), "must_be_saved", False))
+        weights = full_state_dict(self.model, trainable_only=not must_save_tower)  # collective
+        optimizer = full_optimizer_state_dict(self.model, self.sharded_optimizer)  # collective
+        if self.accelerator.is_main_process:
+            self.model.save_pretrained(directory / "model", include_frozen=False, state_dict=weights)
+            torch.save(optimizer, directory / self.OPTIMIZER)
+
+    def _load_sharded(self, path: Path) -> None:
+        sd, _ = self._read_weights(path)
+        load_full_state_dict(self.model, sd)
+        load_full_optimizer_state_dict(self.model, self.sharded_optimizer, safe_torch_load(path / self.OPTIMIZER))
 
     # -- files
     def checkpoints(self) -> list[Path]:
@@ -107,7 +138,10 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
+        if self.sharded_optimizer is not None:
+            self._save_sharded(tmp)
+        else:
+            acc.save_state(str(tmp), safe_serialization=True)
         acc.wait_for_everyone()
         if acc.is_main_process:
             extra = self._objective_state()
@@ -132,7 +166,10 @@ class CheckpointManager:
         if not (path / self.STATE).is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no {self.STATE})")
         try:
-            self.accelerator.load_state(str(path))
+            if self.sharded_optimizer is not None:
+                self._load_sharded(path)
+            else:
+                self.accelerator.load_state(str(path))
         except pickle.UnpicklingError:
             for f in sorted(path.rglob("*")):
                 if f.is_file() and f.suffix in (".bin", ".pt", ".pth", ".pkl"):

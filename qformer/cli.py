@@ -53,6 +53,8 @@ _TRAIN_HELP = {
     "vision_layer_decay": "layer-wise lr decay of the tower: block i of D kept blocks trains at vision_lr * "
                           "decay^(D-i), the embeddings at vision_lr * decay^(D+1) (1: none; BLIP-2's fine-tuning: 0.95)",
     "skip_nonfinite_steps": "skip up to N optimizer steps whose loss or gradient norm is NaN/inf (0: stop at the first)",
+    "fsdp_frozen": "under FSDP (accelerate config, fsdp_version 2): shard the frozen tower's and LLM's blocks "
+                   "(least memory) or replicate them on every rank (no all-gather)",
     "seed": "seed of data order, augmentation, dropout and ITM negatives",
     "num_workers": "DataLoader worker processes per rank",
 }
@@ -186,8 +188,9 @@ def build_parser(stage: Stage, description: str, *, card: AdapterCard | None = N
         value = getattr(train, f.name) if train is not None else None
         help_text = _TRAIN_HELP.get(f.name, f.name) + (dflt(value) if train is not None else "")
         # SUPPRESS: an option not given leaves no attribute, so "--max-grad-norm null" is a value.
-        if f.name == "mixed_precision":
-            t.add_argument(flag, dest=f.name, choices=["no", "bf16", "fp16"], default=argparse.SUPPRESS, help=help_text)
+        if f.name in ("mixed_precision", "fsdp_frozen"):
+            choices = ["no", "bf16", "fp16"] if f.name == "mixed_precision" else ["shard", "replicate"]
+            t.add_argument(flag, dest=f.name, choices=choices, default=argparse.SUPPRESS, help=help_text)
         else:
             t.add_argument(flag, dest=f.name, type=_kind(f), default=argparse.SUPPRESS, help=help_text)
     if stage == 1:

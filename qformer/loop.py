@@ -33,6 +33,7 @@ from .checkpoints import CheckpointManager, TrainState
 from .errors import NonFiniteLossError
 from .metric_log import MetricLog
 from .run import Run
+from .sharding import fsdp2_active, gathered, plain, restore_optimizer_params, shard_
 from .training import TrainConfig, build_optimizer, build_scheduler, step_seed
 
 
@@ -108,10 +109,26 @@ def fit(
     from tqdm.auto import tqdm
 
     acc = run.accelerator
+    sharded = fsdp2_active(acc)
+    if sharded:  # our plan (qformer.sharding); accelerate's prepare keeps an FSDP2 module as it is
+        plugin = acc.state.fsdp_plugin
+        plan = shard_(objective, frozen=train.fsdp_frozen, device=acc.device, mp_policy=plugin.mixed_precision_policy,
+                      reshard_after_forward=plugin.reshard_after_forward,
+                      offload_policy=plugin.cpu_offload if plugin.cpu_offload else None)
+        run.print(f"FSDP2: {len(plan.units)} units over {run.world_size} ranks; frozen blocks {train.fsdp_frozen}ed "
+                  f"({len(plan.replicated)} parameters kept whole)")
+    if str(acc.distributed_type).split(".")[-1] == "DEEPSPEED":
+        # prepare() gets no DataLoader (ours is resumable and sharded by rank already), so DeepSpeed
+        # learns the per-GPU micro-batch here.
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train.batch_size
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train)  # stepped by hand: once per optimizer step
+    raw_optimizer, groups = optimizer, [list(g["params"]) for g in optimizer.param_groups]
     wrapped, optimizer = acc.prepare(objective, optimizer)
-    ckpt = CheckpointManager(acc, run.output_dir, model=model, keep=train.keep_checkpoints, objective=objective)
+    if sharded:
+        restore_optimizer_params(raw_optimizer, groups)
+    ckpt = CheckpointManager(acc, run.output_dir, model=model, keep=train.keep_checkpoints, objective=objective,
+                             sharded_optimizer=raw_optimizer if sharded else None)
     state = TrainState()
     if resume is not None:
         path = ckpt.resolve(resume)
@@ -152,7 +169,7 @@ def fit(
                 step_metrics.append(out.metrics())
                 if acc.sync_gradients:
                     # The total gradient norm, clipped to max_grad_norm if set (inf: measured only).
-                    grad_norm = float(acc.clip_grad_norm_(trainable, train.max_grad_norm or math.inf))
+                    grad_norm = float(plain(acc.clip_grad_norm_(trainable, train.max_grad_norm or math.inf)))
                     if _all_finite(acc, step_metrics, grad_norm):
                         optimizer.step()
                     else:
@@ -238,7 +255,7 @@ def _nonfinite_step(run: Run, train: TrainConfig, state: TrainState, log: Metric
 
 def _evaluate(run: Run, evaluate, state: TrainState, log: MetricLog, objective: nn.Module) -> None:
     objective.eval()
-    with torch.no_grad(), run.phase("evaluation"):
+    with torch.no_grad(), run.phase("evaluation"), gathered(objective):  # FSDP2: the full model on every rank
         metrics = evaluate(state.step)
     objective.train()
     if metrics:

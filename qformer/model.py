@@ -156,9 +156,10 @@ class Blip2Model(nn.Module):
 
     @property
     def temperature(self) -> torch.Tensor:
-        """ITC's learnable temperature (similarities are divided by it)."""
+        """ITC's learnable temperature (similarities are divided by it); 0-dim (FSDP2 holds the
+        parameter as a 1-element vector while sharded: :mod:`qformer.sharding`)."""
         self._require_stage1_heads()
-        return self.temp
+        return self.temp.reshape(())
 
     def _require_stage1_heads(self) -> None:
         if not self.config.stage1_heads:
@@ -378,7 +379,8 @@ class Blip2Model(nn.Module):
     @torch.no_grad()
     def clamp_temperature_(self, low: float = 0.001, high: float = 0.5) -> None:
         """BLIP / ALBEF clamp the temperature after each step; LAVIS's BLIP-2 does not."""
-        self.temperature.clamp_(low, high)
+        self._require_stage1_heads()
+        self.temp.clamp_(low, high)  # the parameter itself (a DTensor shard under FSDP2), not a view
 
 
 __all__ = ["Blip2Features", "Blip2Model", "ImageEncoding", "STAGE1_ONLY_PREFIXES", "TEXT_INPUT_PREFIXES",

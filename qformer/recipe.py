@@ -27,6 +27,7 @@ from .eval.report import write_results
 from .eval.tasks import EvalSet, open_eval_set
 from .io import atomic_write_json
 from .run import Run, start_run
+from .sharding import full_state_dict, is_sharded
 
 _METADATA = ("metadata.jsonl", "metadata.csv")
 
@@ -138,8 +139,12 @@ def finish_recipe(run: Run, card: AdapterCard, stage: Stage, state, model, *, ta
     """After a run that reached its last step: the final model in ``model/`` (the frozen parts
     only when nothing else says where to load them from) and ``results.{json,md}`` with the
     last evaluation under ``task``, the steps, samples and seconds per phase."""
+    if state.step == card.train_config(stage).max_steps:
+        # FSDP2: every rank takes part in gathering the full weights (to rank 0's CPU memory)
+        weights = full_state_dict(model, trainable_only=False) if is_sharded(model) else None
+        if run.is_main:
+            model.save_pretrained(run.output_dir / "model", include_frozen=include_frozen, state_dict=weights)
     if state.step == card.train_config(stage).max_steps and run.is_main:
-        model.save_pretrained(run.output_dir / "model", include_frozen=include_frozen)
         what = "instruction tuning" if stage == "instruct" else f"stage {stage}"
         write_results({task: state.last_eval}, run.output_dir, name="results", title=f"{card.name}: {what}",
                       extra={"adapter": card.name, "steps": state.step, "samples": state.samples_seen,

@@ -1,7 +1,8 @@
 """A run: the processes (through ``accelerate``), the output folder, timing and printing.
 
 Training recipes and ``recipes/evaluate.py`` set up a run the same way (:func:`start_run`):
-one ``Accelerator`` (DDP / FSDP / DeepSpeed as ``accelerate config`` says; gloo on CPU), the
+one ``Accelerator`` (DDP or FSDP2 as the accelerate config says -- :mod:`qformer.sharding`; gloo on
+CPU, where accelerate runs an FSDP config as DDP; DeepSpeed is untested: README), the
 CPU threads each rank may use, an output folder checked for writing before any heavy work,
 and main-process printing with per-phase timings.
 """

@@ -62,6 +62,9 @@ class TrainConfig:
     # Optimizer steps whose loss or gradient norm is NaN/inf that may be skipped (no update),
     # as mixed-precision loss scalers do; 0 (default) stops at the first with a clear error.
     skip_nonfinite_steps: int = 0
+    # Under FSDP (accelerate config, fsdp_version 2): the frozen tower's and LLM's blocks are
+    # "shard"ed like the rest (least memory) or "replicate"d whole on every rank (no all-gather).
+    fsdp_frozen: str = "shard"
     seed: int = 0
     num_workers: int = 2
 
@@ -87,6 +90,8 @@ class TrainConfig:
                 or self.vision_trainable_blocks < -1:
             raise ConfigError("vision_trainable_blocks must be -1 (the whole tower), 0 (frozen) or N >= 1 (the last N "
                               f"blocks), got {self.vision_trainable_blocks!r}")
+        if self.fsdp_frozen not in ("shard", "replicate"):
+            raise ConfigError(f"fsdp_frozen must be shard or replicate, got {self.fsdp_frozen!r}")
         if self.warmup_steps < 0 or self.skip_nonfinite_steps < 0 or self.num_workers < 0:
             raise ConfigError("warmup_steps, skip_nonfinite_steps and num_workers must be >= 0")
 

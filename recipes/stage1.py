@@ -4,7 +4,8 @@
     accelerate launch recipes/stage1.py --adapter eva-vit-g_opt-2.7b --train-data DATA --eval-data DATA
     accelerate launch recipes/stage1.py --adapter eva-vit-g_opt-2.7b_retrieval-ft --init-from STAGE1_MODEL ...
 
-Multi-process (DDP / FSDP / DeepSpeed) is whatever `accelerate config` says; on a CPU machine
+Multi-process runs take an accelerate config (configs/accelerate/: DDP and FSDP2 are tested, DeepSpeed
+is not: README, "Training at real scale"); on a CPU machine
 `accelerate launch --multi_gpu --num_processes 2 recipes/stage1.py` runs two ranks on gloo.
 Writes to --output-dir (default runs/ADAPTER/stage1): card.json, checkpoints/, model/ (the
 trained model), metrics.jsonl, loss_curve.png, results.json, results.md, data_report.json and

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("objectives, generation, persistence, data", ("momentum", "stage1", "stage2", "generation", "inference", "explain",
                                                    "figures", "persistence", "data")),
     ("the user-facing model", ("blip2",)),
-    ("training", ("training", "checkpoints", "metric_log", "run", "loop", "adapters", "cli")),
+    ("training", ("training", "sharding", "checkpoints", "metric_log", "run", "loop", "adapters", "cli")),
     ("evaluation", ("eval", "search", "capfilt")),
     ("recipes' glue", ("recipe",)),
     ("plugins' own worlds", ("toy",)),

@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..model import Blip2Model
 
 
-def save_blip2(model: "Blip2Model", directory: Path, *, include_frozen: bool = True) -> None:
+def save_blip2(model: "Blip2Model", directory: Path, *, include_frozen: bool = True,
+               state_dict: "dict[str, torch.Tensor] | None" = None) -> None:
     """Write ``config.json`` + ``model.safetensors`` (+ tokenizers, + ``llm/``) atomically.
 
     ``include_frozen=True`` makes the directory self-contained: the frozen vision tower is in
@@ -46,9 +47,11 @@ def save_blip2(model: "Blip2Model", directory: Path, *, include_frozen: bool = T
     A vision tower that trains (BLIP-2's fine-tuning), or whose weights were loaded from a saved
     model, is always written whole: its weights are not what ``vision.pretrained`` gives.
     A quantised LLM is never written: it is re-quantised from ``llm.path`` at load.
+    ``state_dict``: full weights to write instead of ``model.state_dict()`` (an FSDP2-sharded
+    model's, gathered); the LLM directory ``llm/`` is never written from it.
     """
     config = Blip2Config.from_dict(model.config.to_dict())
-    state = model.state_dict()
+    state = model.state_dict() if state_dict is None else state_dict
     drop = set(frozen_llm_keys(model))
     if not include_frozen and not model.vision.must_be_saved:
         if not config.vision.pretrained:
@@ -58,6 +61,9 @@ def save_blip2(model: "Blip2Model", directory: Path, *, include_frozen: bool = T
             )
         drop |= {k for k in state if k.startswith(VISION_PREFIX)}
     save_llm = config.llm is not None and include_frozen and config.llm.quantization is None
+    if save_llm and state_dict is not None:
+        raise CheckpointError("a sharded (FSDP) model's frozen LLM is not written into llm/: set llm.path "
+                              "(and vision.pretrained) so that the saved model reloads it from there")
     if config.llm is not None and not save_llm and config.llm.path is None:
         raise CheckpointError("the frozen LLM is not written here and llm.path is unset: it could not be reloaded")
     sd = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in drop}
