@@ -72,3 +72,24 @@ def test_option_errors(options: dict, message: str, tmp_path: Path, monkeypatch:
     with pytest.raises(ConfigError, match=message):
         resolve({"noisy/train.jsonl"}, options, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_experiments_filter_scores(tmp_path: Path) -> None:
+    """recipes/noisy_toy.py: a corrupted web caption counts as caught when CapFilt dropped it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("noisy_toy", Path(__file__).parents[1] / "recipes" / "noisy_toy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kinds = ["clean", "swapped", "altered", "clean", "altered"]
+    noisy = tmp_path / "noisy.jsonl"
+    noisy.write_text("".join(json.dumps({"file_name": f"images/{i}.png", "text": "t", "noise": k}) + "\n"
+                             for i, k in enumerate(kinds)))
+    kept_web = [0, 2, 4]  # clean 0 kept, altered 2 and 4 missed; swapped 1 caught, clean 3 wrongly dropped
+    out = tmp_path / "capfilt.jsonl"
+    out.write_text("".join(json.dumps({"image": str(tmp_path / f"images/{i}.png"), "caption": "c", "source": s}) + "\n"
+                           for i, s in [*((i, "web") for i in kept_web), (3, "synthetic")]))
+    q = mod.filter_quality(str(noisy), out)
+    assert (q["corrupted"], q["flagged"]) == (3, 2)
+    assert q["precision"] == 50.0 and q["recall"] == pytest.approx(100 / 3)
+    assert q["recall_swapped"] == 100.0 and q["recall_altered"] == 0.0
