@@ -114,7 +114,8 @@ def model_fingerprint(model: Blip2Model) -> str:
 
 # ---------------------------------------------------------------------------- encoding
 class _Pixels(Dataset):
-    """Preprocessed pixels of items (None for an unreadable image), read in DataLoader workers."""
+    """Resized pixels of items (uint8, see ``ImagePreprocessor.resize``; None for an unreadable image),
+    read in DataLoader workers."""
 
     def __init__(self, items: Sequence[ImageItem], preprocess) -> None:
         self.items, self.preprocess = items, preprocess

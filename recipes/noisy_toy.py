@@ -60,10 +60,12 @@ def run(args: list[str], out: Path, log: Path) -> Path:
 
 
 def noisy_data(noise: float) -> str:
-    """The noisy split's JSONL on disk (the toy plugin writes it once)."""
+    """The noisy split's JSONL on disk, with the toy card's plugin options (the plugin writes it once)."""
+    from qformer.adapters import load_adapter
     from qformer.toy.plugin import resolve
 
-    return resolve({"noisy/train.jsonl"}, {"sizes": {"train": 30000}, "noise": noise}, progress=False)["noisy/train.jsonl"]
+    card = load_adapter("toy", [f"plugins.toy.noise={noise}"])
+    return resolve({"noisy/train.jsonl"}, dict(card.plugins["toy"]), progress=False)["noisy/train.jsonl"]
 
 
 def filter_quality(noisy_jsonl: str, capfilt_jsonl: Path) -> dict[str, float]:

@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import write_causal_tokenizer
 from PIL import Image
 

@@ -150,7 +150,7 @@ def test_faiss_and_the_matrix_product_give_the_same_topk():
 
 
 def test_itm_reranking_gives_retrieval_evaluations_scores(model, tmp_path):
-    paths = write_images(tmp_path / "photos", 9)
+    write_images(tmp_path / "photos", 9)
     index, _ = build_index(model, tmp_path / "photos", tmp_path / "index")
     texts = captions(9, words=(2, 9), seed=1)  # retrieval evaluation wants a text per image
     pixels = model.vision.preprocess([str(tmp_path / "photos" / k) for k in index.keys])

@@ -33,6 +33,8 @@ from .keymaps import Converted
 from .report import LoadReport, load_into
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from ..model import Blip2Model
 
 

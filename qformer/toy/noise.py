@@ -30,9 +30,8 @@ from ..io import atomic_write_text
 from .export import METADATA_FILE, image_name
 from .language import COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, scene_captions
 from .scenes import INVERSE, SPLIT_ID, ToyScene
+from .world import ToyWorld
 
-# The world these functions read: a ToyWorld (not imported: world.py sits above this module's users).
-ToyWorld = Any
 
 __all__ = ["NOISE_KINDS", "alter_scene", "clean_subset_file", "noisy_file", "noisy_rows"]
 
