@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 ROWS = ("noisy", "noisy-md", "capfilt", "clean")
@@ -43,20 +40,6 @@ LABELS = {
 }
 METRICS = ("itc_i2t_r1", "itc_t2i_r1", "i2t_r1", "t2i_r1")
 RECIPES = Path(__file__).resolve().parent
-
-
-def run(args: list[str], out: Path, log: Path) -> Path:
-    """One recipe run into ``out`` (skipped when it finished before); its log beside it."""
-    if (out / "results.json").is_file() or (out / "capfilt.jsonl").is_file():
-        print(f"  {out}: done before, kept")
-        return out
-    print(f"  {out}: {' '.join(args)}", flush=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
-        code = subprocess.call([sys.executable, *args, "--no-progress"], stdout=f, stderr=subprocess.STDOUT)
-    if code:
-        sys.exit(f"error: {args[0]} failed (exit {code}); its output is in {log}")
-    return out
 
 
 def noisy_data(noise: float) -> str:
@@ -89,10 +72,6 @@ def filter_quality(noisy_jsonl: str, capfilt_jsonl: Path) -> dict[str, float]:
     return out
 
 
-def spread(values: list[float]) -> str:
-    return " / ".join(f"{v:.1f}" for v in (min(values), statistics.median(values), max(values)))
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 1)[1])
@@ -103,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prepare-only", action="store_true",
                    help="only CapFilt's filter, captioner and pass over the noisy data (row c's data), no table")
     args = p.parse_args(argv)
+    from qformer.toy.experiments import run_recipe as run, spread
+
     stage1, stage2, capfilt = (str(RECIPES / f"{n}.py") for n in ("stage1", "stage2", "capfilt"))
     root, logs = args.root, args.root / "noisy-logs"
     noisy = ["--train-data", "toy://noisy/train.jsonl", "--set", f"plugins.toy.noise={args.noise}"]
