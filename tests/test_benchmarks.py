@@ -184,3 +184,21 @@ def test_capfilt_throughput_smoke(tmp_path, monkeypatch):
         assert r["images_per_s"] > 0 and 0 < r["captioning_s"] + r["filtering_s"] <= r["seconds"]
         assert r["pairs"] >= 4 and r["kept"] >= 0
     assert sec.data["cpu"] and (tmp_path / "results" / "capfilt_throughput.json").exists()
+
+
+@pytest.mark.slow
+def test_compile_step_smoke(tmp_path, monkeypatch):
+    """benchmarks/compile_step.py at the tiny config with the aot_eager backend (no code generation):
+    both ways of compiling run, the compiled step gives the eager losses, the results are written."""
+    monkeypatch.setattr(C, "RESULTS_DIR", tmp_path / "results")
+    import compile_step
+
+    sec = compile_step.main(["--config", "tiny", "--precisions", "fp32", "--backend", "aot_eager", "--steps", "1",
+                             "--warmup", "1"])
+    rows = sec.data["rows"]
+    assert [(r["mode"], r["precision"]) for r in rows] == [("whole", "fp32"), ("regions", "fp32")]
+    assert rows[0]["regions"] == 2 and rows[1]["regions"] > 2
+    for r in rows:
+        assert r["eager_s"] > 0 and r["compiled_s"] > 0 and r["compile_s"] > 0
+        assert r["max_loss_diff"] < 1e-5
+    assert (tmp_path / "results" / "compile_step.json").exists()
