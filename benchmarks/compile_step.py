@@ -27,44 +27,38 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 
+def compile_model(model, mode: str, backend: str) -> int:
+    """``torch.compile`` ``model`` in place, ``whole`` (the Q-Former and the tower) or per ``regions``;
+    returns how many modules were compiled."""
+    from gpu import compile_regions
+
+    if mode == "regions":
+        return compile_regions(model, backend)
+    model.qformer.compile(backend=backend)
+    model.vision.compile(backend=backend)
+    return 2
+
+
 def measure(config: str, precision: str, mode: str, *, backend: str, steps: int, warmup: int) -> dict:
     import torch
 
     import stage1_step as S
-    from gpu import compile_regions
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         model, step, _, _ = S.build_ours_fresh(config, precision, Path(tmp))
-
-        def times(n: int) -> list[float]:
-            out = []
-            for _ in range(n):
-                t = time.perf_counter()
-                step()
-                out.append(time.perf_counter() - t)
-            return out
-
-        times(warmup)
-        eager = times(steps)
-        if mode == "whole":
-            model.qformer.compile(backend=backend)
-            model.vision.compile(backend=backend)
-            regions = 2
-        else:
-            regions = compile_regions(model, backend)
-        t = time.perf_counter()
-        step()
-        compile_s = time.perf_counter() - t
-        times(warmup)
-        compiled = times(steps)
+        C.timed(step, warmup)
+        eager = C.timed(step, steps)
+        regions = compile_model(model, mode, backend)
+        (compile_s,) = C.timed(step, 1)  # the first compiled step pays for the compilation
+        C.timed(step, warmup)
+        compiled = C.timed(step, steps)
         torch._dynamo.reset()
     return {"config": config, "precision": precision, "mode": mode, "backend": backend, "regions": regions,
             "eager_s": statistics.median(eager), "compiled_s": statistics.median(compiled),
@@ -76,17 +70,12 @@ def parity(config: str, precision: str, mode: str, *, backend: str) -> float:
     import torch
 
     import stage1_step as S
-    from gpu import compile_regions
 
     with tempfile.TemporaryDirectory() as tmp:
         model, _, _, reference = S.build_ours_fresh(config, precision, Path(tmp))
         torch.manual_seed(0)
         eager = reference(None)
-        if mode == "whole":
-            model.qformer.compile(backend=backend)
-            model.vision.compile(backend=backend)
-        else:
-            compile_regions(model, backend)
+        compile_model(model, mode, backend)
         torch.manual_seed(0)
         compiled = reference(None)
         torch._dynamo.reset()

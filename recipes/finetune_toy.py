@@ -38,11 +38,9 @@ RETRIEVAL_METRICS = ("itc_i2t_r1", "itc_t2i_r1", "i2t_r1", "t2i_r1")
 
 def toy_train_metadata() -> str:
     """The toy training split's ``metadata.jsonl`` (exported once by the toy plugin)."""
-    from qformer.adapters import load_adapter
-    from qformer.toy.plugin import resolve
+    from qformer.toy.experiments import card_resource
 
-    card = load_adapter("toy")
-    return resolve({"data/train.jsonl"}, dict(card.plugins["toy"]), progress=False)["data/train.jsonl"]
+    return card_resource("data/train.jsonl")
 
 
 def scores(out: Path, kind: str) -> dict[str, float]:

@@ -42,15 +42,6 @@ METRICS = ("itc_i2t_r1", "itc_t2i_r1", "i2t_r1", "t2i_r1")
 RECIPES = Path(__file__).resolve().parent
 
 
-def noisy_data(noise: float) -> str:
-    """The noisy split's JSONL on disk, with the toy card's plugin options (the plugin writes it once)."""
-    from qformer.adapters import load_adapter
-    from qformer.toy.plugin import resolve
-
-    card = load_adapter("toy", [f"plugins.toy.noise={noise}"])
-    return resolve({"noisy/train.jsonl"}, dict(card.plugins["toy"]), progress=False)["noisy/train.jsonl"]
-
-
 def filter_quality(noisy_jsonl: str, capfilt_jsonl: Path) -> dict[str, float]:
     """How well the filter caught the corrupted web captions: a web caption counts as flagged
     when CapFilt dropped it. Precision = corrupted among flagged, recall = flagged among corrupted."""
@@ -82,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prepare-only", action="store_true",
                    help="only CapFilt's filter, captioner and pass over the noisy data (row c's data), no table")
     args = p.parse_args(argv)
-    from qformer.toy.experiments import run_recipe as run, spread
+    from qformer.toy.experiments import card_resource, run_recipe as run, spread
 
     stage1, stage2, capfilt = (str(RECIPES / f"{n}.py") for n in ("stage1", "stage2", "capfilt"))
     root, logs = args.root, args.root / "noisy-logs"
@@ -98,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         capt = run([stage2, "--init-from", str(filt / "model"), "--train-data", "toy://clean/train.jsonl",
                     "--output-dir", str(root / "capfilt-captioner")], root / "capfilt-captioner",
                    logs / "capfilt-captioner.log")
-        data = noisy_data(args.noise)
+        data = card_resource("noisy/train.jsonl", [f"plugins.toy.noise={args.noise}"])
         out = run([capfilt, "--captioner", str(capt / "model"), "--filter", str(filt / "model"), "--data", data,
                    "--output-dir", str(root / "capfilt-data")], root / "capfilt-data", logs / "capfilt-data.log")
         quality = filter_quality(data, out / "capfilt.jsonl")

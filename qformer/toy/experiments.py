@@ -12,7 +12,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["paraphrase_file", "run_recipe", "spread"]
+from ..adapters import load_adapter
+from .plugin import resolve
+
+__all__ = ["card_resource", "paraphrase_file", "run_recipe", "spread"]
+
+
+def card_resource(name: str, overrides: Sequence[str] = ()) -> str:
+    """The value of ``toy://NAME`` with the toy card's plugin options (``overrides``: ``--set``
+    style ``key=value`` changes to the card), prepared on first use: e.g. a split's file on disk."""
+    card = load_adapter("toy", list(overrides))
+    return resolve({name}, dict(card.plugins["toy"]), progress=False)[name]
 
 
 def run_recipe(args: Sequence[str], out: Path, log: Path) -> Path:
